@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import multiprocessing
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image
 
 CLASS_NAMES: tuple[str, ...] = (
     "Disturbed Galaxies",
@@ -62,3 +66,323 @@ def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | 
         print("interrupted: nothing was kept from the unfinished step", file=sys.stderr)
         return 130
     return 0
+
+
+# ---------------------------------------------------------------- reading and checking the file
+
+
+@dataclass(frozen=True)
+class Galaxy10File:
+    """A checked Galaxy10-format file: labels and metadata in memory, images left on disk."""
+
+    path: Path
+    labels: np.ndarray  # (N,) uint8 class ids
+    meta: dict[str, np.ndarray]  # ra, dec, redshift, pxscale: (N,) float64
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def open_galaxy10(path: str | os.PathLike[str]) -> Galaxy10File:
+    """Check that ``path`` is a complete Galaxy10-format file and read everything but the images."""
+    path = Path(path)
+    if not path.is_file():
+        raise Galaxy10Error(
+            f"{path} not found: download it from {DOWNLOAD_URL} "
+            "or make a sample with `python sample_data.py --out galaxy10_sample.h5`"
+        )
+    if not h5py.is_hdf5(path):
+        raise Galaxy10Error(f"{path} is not an HDF5 file: pass the Galaxy10_DECals.h5 file (--h5)")
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_checked(f, path)
+    except OSError as err:
+        raise Galaxy10Error(f"{path} is damaged or truncated ({err}): download it again") from None
+
+
+def _read_checked(f: h5py.File, path: Path) -> Galaxy10File:
+    missing = [name for name in ("images", "ans", *META_FIELDS) if name not in f]
+    if missing:
+        raise Galaxy10Error(
+            f"{path} lacks the dataset(s) {', '.join(missing)}: it is not a Galaxy10 DECaLS file"
+        )
+    images = f["images"]
+    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] < 32 or images.shape[2] < 32:
+        raise Galaxy10Error(f"{path}: `images` has shape {images.shape}, expected (N, H, W, 3) RGB images")
+    if images.dtype != np.uint8:
+        raise Galaxy10Error(f"{path}: `images` is {images.dtype}, expected uint8")
+    n = images.shape[0]
+    _check_storage_complete(images, path)
+    labels = _read_vector(f, "ans", n, path)
+    if labels.dtype.kind not in "iu":
+        raise Galaxy10Error(f"{path}: `ans` is {labels.dtype}, expected integer class ids")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(CLASS_NAMES)))
+    if bad.size:
+        raise Galaxy10Error(
+            f"{path}: label {labels[bad[0]]} at row {bad[0]} is outside 0-{len(CLASS_NAMES) - 1} "
+            f"({bad.size} bad row(s)): fix the `ans` dataset"
+        )
+    meta = {name: _read_vector(f, name, n, path).astype(np.float64) for name in META_FIELDS}
+    return Galaxy10File(path, labels.astype(np.uint8), meta, tuple(images.shape[1:]))
+
+
+def _read_vector(f: h5py.File, name: str, n: int, path: Path) -> np.ndarray:
+    data = f[name]
+    if data.shape != (n,):
+        raise Galaxy10Error(f"{path}: `{name}` has shape {data.shape}, expected ({n},) like `images`")
+    if data.dtype.kind not in "iuf":
+        raise Galaxy10Error(f"{path}: `{name}` is {data.dtype}, expected numbers")
+    return data[()]
+
+
+def _check_storage_complete(images: h5py.Dataset, path: Path) -> None:
+    """Fail now, not after minutes of export, if the image data runs past the end of the file."""
+    file_size = path.stat().st_size
+    dsid = images.id
+    if images.chunks is None:
+        end = dsid.get_offset() or 0
+        end += dsid.get_storage_size()
+    else:
+        chunks = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
+        end = max((c.byte_offset + c.size for c in chunks), default=0)
+    if end > file_size:
+        raise Galaxy10Error(
+            f"{path} is truncated ({file_size:,} bytes, image data runs to {end:,}): download it again"
+        )
+
+
+def verify_checksum(path: Path, expected: str = OFFICIAL_SHA256) -> None:
+    """Compare the file's SHA-256 with the official one, with a progress bar (2.5 GB takes a while)."""
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                    desc="sha256") as bar:
+        while block := f.read(8 << 20):
+            digest.update(block)
+            bar.update(len(block))
+    if digest.hexdigest() != expected:
+        raise Galaxy10Error(
+            f"{path} has SHA-256 {digest.hexdigest()}, not the official {expected}: download it again"
+        )
+
+
+# ---------------------------------------------------------------- the split
+
+
+def split_rows(labels: np.ndarray, val_size: float = 0.2, seed: int = 42) -> np.ndarray:
+    """Seeded stratified split: a bool mask over rows, True for validation.
+
+    load_data.py and preprocess_and_balancing.py both call this, so for the same seed and val size
+    the plain and balanced models are validated on exactly the same images.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_size < 1:
+        raise Galaxy10Error(f"--val-size must be between 0 and 1, got {val_size}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2:
+        c = int(classes[counts.argmin()])
+        raise Galaxy10Error(
+            f"class {c} ({CLASS_NAMES[c]}) has only {counts.min()} image: a stratified split needs "
+            "at least 2 per class; add images of that class"
+        )
+    try:
+        _, val = train_test_split(np.arange(len(labels)), test_size=val_size, stratify=labels,
+                                  random_state=seed)
+    except ValueError as err:  # e.g. fewer validation rows than classes
+        raise Galaxy10Error(f"cannot split {len(labels)} images with --val-size {val_size}: {err}") from None
+    is_val = np.zeros(len(labels), dtype=bool)
+    is_val[val] = True
+    return is_val
+
+
+# ---------------------------------------------------------------- writing the output
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a hidden folder beside ``out`` to write into; it becomes ``out`` only on success."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Galaxy10Error(f"{out} is a file, not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise Galaxy10Error(f"{out} already holds files: pass --force to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def image_relpath(split: str, label: int, index: int) -> str:
+    return f"{split}/{label}/img_{index:05d}.png"
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    # Level 1: galaxy noise barely compresses, so higher levels cost time for ~4% smaller files.
+    Image.fromarray(image).save(path, format="PNG", compress_level=1)
+
+
+def make_class_folders(stage: Path, labels: np.ndarray) -> None:
+    for split in ("train", "val"):
+        for label in np.unique(labels):
+            (stage / split / str(label)).mkdir(parents=True, exist_ok=True)
+
+
+def row_ranges(n: int, step: int = CHUNK_ROWS) -> list[tuple[int, int]]:
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+_worker_images: h5py.Dataset | None = None  # each worker process opens the HDF5 file once
+
+
+def _open_images(h5_path: str) -> None:
+    global _worker_images
+    _worker_images = h5py.File(h5_path, "r")["images"]
+
+
+def _close_images() -> None:
+    global _worker_images
+    _worker_images.file.close()
+    _worker_images = None
+
+
+def read_rows(rows: np.ndarray | slice) -> np.ndarray:
+    """Rows of the open file's images; a damaged chunk becomes a one-line error."""
+    try:
+        return _worker_images[rows]
+    except OSError as err:
+        raise Galaxy10Error(f"reading images failed ({err}): damaged file, download it again") from None
+
+
+def _export_range(task: tuple[int, int, np.ndarray, np.ndarray, str]) -> int:
+    start, stop, labels, is_val, stage = task
+    for offset, image in enumerate(read_rows(slice(start, stop))):
+        split = "val" if is_val[offset] else "train"
+        save_png(image, Path(stage) / image_relpath(split, int(labels[offset]), start + offset))
+    return stop - start
+
+
+def run_tasks(h5_path: Path, fn: Callable, tasks: list, workers: int, desc: str, total: int) -> None:
+    """Run ``fn`` over ``tasks`` in worker processes that each open the HDF5 file once."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img") as bar:
+        if workers <= 1:
+            _open_images(str(h5_path))
+            try:
+                for task in tasks:
+                    bar.update(fn(task))
+            finally:
+                _close_images()
+            return
+        # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_images,
+                                 initargs=(str(h5_path),)) as pool:
+            futures = [pool.submit(fn, task) for task in tasks]
+            try:
+                for future in as_completed(futures):
+                    bar.update(future.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+
+
+def export_images(source: Galaxy10File, is_val: np.ndarray, stage: Path, workers: int) -> list[dict]:
+    """Write every row as a PNG into its split and class folder; return the manifest rows."""
+    make_class_folders(stage, source.labels)
+    tasks = [(start, stop, source.labels[start:stop], is_val[start:stop], str(stage))
+             for start, stop in row_ranges(len(source))]
+    run_tasks(source.path, _export_range, tasks, workers, "export", len(source))
+    return [manifest_row(source, i, "val" if is_val[i] else "train") for i in range(len(source))]
+
+
+def manifest_row(source: Galaxy10File, index: int, split: str) -> dict:
+    label = int(source.labels[index])
+    return {
+        "index": index,
+        "label": label,
+        "class_name": CLASS_NAMES[label],
+        "split": split,
+        "path": image_relpath(split, label, index),
+        **{name: repr(float(source.meta[name][index])) for name in ("ra", "dec", "redshift")},
+    }
+
+
+def write_manifest(path: Path, rows: list[dict], fields: Sequence[str] = MANIFEST_FIELDS) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_summary(out: Path, rows: list[dict]) -> None:
+    counts: dict[tuple[str, int], int] = {}
+    for row in rows:
+        counts[row["split"], row["label"]] = counts.get((row["split"], row["label"]), 0) + 1
+    print(f"wrote {len(rows):,} images to {out}/ (manifest: {out / 'manifest.csv'})")
+    print(f"{'class':<40}{'train':>8}{'val':>8}")
+    for label, name in enumerate(CLASS_NAMES):
+        if ("train", label) in counts or ("val", label) in counts:
+            print(f"{label} {name:<38}{counts.get(('train', label), 0):>8}{counts.get(('val', label), 0):>8}")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The flags load_data.py and preprocess_and_balancing.py share."""
+    parser.add_argument("--h5", type=Path, default=Path(DEFAULT_H5),
+                        help=f"Galaxy10-format HDF5 file (default: {DEFAULT_H5})")
+    parser.add_argument("--out", type=Path, default=Path(default_out),
+                        help=f"output folder (default: {default_out})")
+    parser.add_argument("--val-size", type=float, default=0.2,
+                        help="fraction of each class kept for validation (default: 0.2)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split (default: 42)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: the number of CPUs)")
+    parser.add_argument("--force", action="store_true", help="replace an output folder that holds files")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the official SHA-256 of Galaxy10_DECals.h5 first")
+
+
+def load_and_split(args: argparse.Namespace) -> tuple[Galaxy10File, np.ndarray]:
+    """Open and check the file (and its checksum with --verify), then split it."""
+    if args.workers < 1:
+        raise Galaxy10Error(f"--workers must be at least 1, got {args.workers}")
+    source = open_galaxy10(args.h5)
+    if args.verify:
+        verify_checksum(args.h5)
+    return source, split_rows(source.labels, args.val_size, args.seed)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_export_arguments(parser, default_out="data")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    source, is_val = load_and_split(args)
+    with staged_output(args.out, args.force) as stage:
+        rows = export_images(source, is_val, stage, args.workers)
+        write_manifest(stage / "manifest.csv", rows)
+    print_summary(args.out, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

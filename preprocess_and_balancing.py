@@ -1,0 +1,170 @@
+"""Export Galaxy10 like load_data.py, then balance the training classes with augmented copies.
+
+    python preprocess_and_balancing.py --h5 Galaxy10_DECals.h5 --out balanced_data
+
+``val/`` holds exactly the files load_data.py writes there for the same --seed and --val-size.
+``train/`` holds the originals plus ``aug_{label}_{counter:05d}.png`` copies until every class has
+as many images as the largest one (or --target). Copies are flipped, rotated by any angle (the
+corners are filled by reflecting the sky, never black) and mildly changed in brightness and
+contrast; each copy's source row is in ``manifest.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from load_data import (
+    CLASS_NAMES,
+    MANIFEST_FIELDS,
+    Galaxy10Error,
+    Galaxy10File,
+    add_export_arguments,
+    export_images,
+    load_and_split,
+    print_summary,
+    read_rows,
+    run_cli,
+    run_tasks,
+    save_png,
+    staged_output,
+    write_manifest,
+)
+
+BALANCED_FIELDS = (*MANIFEST_FIELDS, "source_index", "augmentation")
+# Copies written per worker task: about as many source rows as one HDF5 read of load_data.
+COPIES_PER_TASK = 64
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One augmented copy: which row it comes from and how it is changed."""
+
+    label: int
+    counter: int
+    source_index: int
+    flip: bool
+    angle: float  # degrees, any value in [0, 360)
+    brightness: float
+    contrast: float
+
+    @property
+    def filename(self) -> str:
+        return f"aug_{self.label}_{self.counter:05d}.png"
+
+    def describe(self) -> str:
+        return (f"flip={int(self.flip)};angle={self.angle:.1f};"
+                f"brightness={self.brightness:.3f};contrast={self.contrast:.3f}")
+
+
+def plan_augmentations(train_labels: np.ndarray, train_rows: np.ndarray, target: int | None,
+                       seed: int) -> list[Augmentation]:
+    """Decide every copy up front from one seeded generator, so the output never depends on workers.
+
+    Each class's originals are used in turn (a seeded permutation, cycled), so no image is copied
+    twice before every image of its class has been copied once.
+    """
+    counts = np.bincount(train_labels, minlength=len(CLASS_NAMES))
+    goal = int(counts.max()) if target is None else target
+    if goal < counts.max():
+        largest = int(counts.argmax())
+        raise Galaxy10Error(
+            f"--target {goal} is below the largest training class ({CLASS_NAMES[largest]}: "
+            f"{counts.max()} images): pass a larger --target or leave it out"
+        )
+    rng = np.random.default_rng(seed)
+    plan: list[Augmentation] = []
+    for label in np.flatnonzero(counts):
+        rows = rng.permutation(train_rows[train_labels == label])
+        for counter in range(goal - int(counts[label])):
+            plan.append(Augmentation(
+                label=int(label),
+                counter=counter,
+                source_index=int(rows[counter % len(rows)]),
+                flip=bool(rng.random() < 0.5),
+                angle=float(rng.uniform(0, 360)),
+                brightness=float(rng.uniform(0.9, 1.1)),
+                contrast=float(rng.uniform(0.9, 1.1)),
+            ))
+    return plan
+
+
+def augment(image: np.ndarray, aug: Augmentation) -> np.ndarray:
+    """Apply one planned augmentation to an (H, W, 3) uint8 image."""
+    out = np.fliplr(image) if aug.flip else image
+    # Quarter turns are exact; only the residual angle (within +-45 degrees) is interpolated.
+    quarter_turns = int(round(aug.angle / 90)) % 4
+    residual = aug.angle - 90 * round(aug.angle / 90)
+    out = np.rot90(out, quarter_turns).astype(np.float32)
+    if abs(residual) > 0.05:
+        out = ndimage.rotate(out, residual, axes=(1, 0), reshape=False, order=1, mode="reflect")
+    mean = out.mean()
+    out = (out - mean) * aug.contrast + mean * aug.brightness
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _write_copies(task: tuple[list[Augmentation], str]) -> int:
+    plan, stage = task
+    rows = sorted({aug.source_index for aug in plan})
+    images = dict(zip(rows, read_rows(rows), strict=True))
+    for aug in plan:
+        path = Path(stage) / "train" / str(aug.label) / aug.filename
+        save_png(augment(images[aug.source_index], aug), path)
+    return len(plan)
+
+
+def write_augmented_copies(source: Galaxy10File, plan: list[Augmentation], stage: Path,
+                           workers: int) -> list[dict]:
+    """Write the planned copies into ``stage/train``; return their manifest rows."""
+    # Sorting by source row lets each task read a compact, increasing set of rows from the file.
+    ordered = sorted(plan, key=lambda aug: aug.source_index)
+    tasks = [(ordered[i:i + COPIES_PER_TASK], str(stage)) for i in range(0, len(ordered), COPIES_PER_TASK)]
+    run_tasks(source.path, _write_copies, tasks, workers, "augment", len(plan))
+    return [augmentation_row(source, aug) for aug in plan]
+
+
+def augmentation_row(source: Galaxy10File, aug: Augmentation) -> dict:
+    i = aug.source_index
+    return {
+        "index": "",  # a copy is no row of the file; its source row is `source_index`
+        "label": aug.label,
+        "class_name": CLASS_NAMES[aug.label],
+        "split": "train",
+        "path": f"train/{aug.label}/{aug.filename}",
+        **{name: repr(float(source.meta[name][i])) for name in ("ra", "dec", "redshift")},
+        "source_index": i,
+        "augmentation": aug.describe(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_export_arguments(parser, default_out="balanced_data")
+    parser.add_argument("--target", type=int, default=None,
+                        help="images per training class (default: the largest class's count)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    source, is_val = load_and_split(args)
+    train_rows = np.flatnonzero(~is_val)
+    plan = plan_augmentations(source.labels[train_rows], train_rows, args.target, args.seed)
+    with staged_output(args.out, args.force) as stage:
+        rows = export_images(source, is_val, stage, args.workers)
+        for row in rows:
+            row["source_index"] = row["index"]
+        rows += write_augmented_copies(source, plan, stage, args.workers)
+        write_manifest(stage / "manifest.csv", rows, BALANCED_FIELDS)
+    print_summary(args.out, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
