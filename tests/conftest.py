@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +21,41 @@ def real_galaxies() -> list[tuple[Path, int]]:
         pytest.skip(f"{REAL_GALAXY10} is absent (only developers and CI have it)")
     with labels.open(newline="") as f:
         return [(REAL_GALAXY10 / "images" / row["file"], int(row["label"])) for row in csv.DictReader(f)]
+
+
+def write_galaxy10(path: Path, images: np.ndarray, labels: np.ndarray, /, **overrides: np.ndarray) -> Path:
+    """Write a Galaxy10-format file from arrays; ``overrides`` replace or (as None) drop datasets."""
+    n = len(images)
+    rng = np.random.default_rng(0)
+    datasets = {
+        "images": images,
+        "ans": labels,
+        "ra": rng.uniform(0, 360, n),
+        "dec": rng.uniform(-20, 35, n),
+        "redshift": rng.uniform(0.01, 0.25, n),
+        "pxscale": np.full(n, 0.262),
+    }
+    datasets.update(overrides)
+    with h5py.File(path, "w") as f:
+        for name, data in datasets.items():
+            if data is not None:
+                f[name] = data
+    return path
+
+
+def random_galaxy10(path: Path, counts: list[int], size: int = 32, seed: int = 0) -> Path:
+    """A small Galaxy10-format file of noise images with ``counts[c]`` images of class c, rows shuffled."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(counts)), counts)).astype(np.uint8)
+    images = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
+    return write_galaxy10(path, images, labels)
+
+
+def assert_one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
+    """Exactly one line says what is wrong (progress bars may come before it), and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and err.count("error: ") == 1, err
+    for word in words:
+        assert word in last, err

@@ -1,0 +1,224 @@
+"""load_data.py: the split, the export, the manifest, memory, and every bad input."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, assert_one_line_error, random_galaxy10, write_galaxy10
+from PIL import Image
+
+import load_data
+from load_data import CHUNK_ROWS, CLASS_NAMES, run_cli, split_rows
+
+COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]  # a miniature of the real class distribution
+
+
+@pytest.fixture
+def h5(tmp_path: Path) -> Path:
+    return random_galaxy10(tmp_path / "g.h5", COUNTS)
+
+
+def export(h5: Path, out: Path, *extra: str) -> int:
+    return run_cli(load_data.main, ["--h5", str(h5), "--out", str(out), "--workers", "1", *extra])
+
+
+def read_manifest(out: Path) -> list[dict]:
+    with (out / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- the split
+
+
+def test_split_is_seeded_and_stratified() -> None:
+    labels = np.repeat(np.arange(10), [108, 185, 264, 203, 33, 204, 183, 263, 142, 187])
+    first, again = split_rows(labels, 0.2, seed=42), split_rows(labels, 0.2, seed=42)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, split_rows(labels, 0.2, seed=7))
+    for c in range(10):
+        in_class = labels == c
+        assert abs(first[in_class].sum() - 0.2 * in_class.sum()) <= 1
+
+
+def test_split_refuses_a_class_too_small_to_stratify(tmp_path: Path, capsys) -> None:
+    h5 = random_galaxy10(tmp_path / "g.h5", [5, 5, 1, 5, 5, 5, 5, 5, 5, 5])
+    assert export(h5, tmp_path / "out") == 2
+    assert_one_line_error(capsys, "class 2", CLASS_NAMES[2], "at least 2")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the export
+
+
+def test_export_writes_every_row_pixel_exact_with_a_correct_manifest(h5: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    assert export(h5, out) == 0
+    rows = read_manifest(out)
+    with h5py.File(h5) as f:
+        images, labels, ra = f["images"][()], f["ans"][()], f["ra"][()]
+    assert [int(r["index"]) for r in rows] == list(range(len(labels)))
+    for row in rows:
+        i, label = int(row["index"]), int(row["label"])
+        assert label == labels[i] and row["class_name"] == CLASS_NAMES[label]
+        assert row["path"] == f"{row['split']}/{label}/img_{i:05d}.png"
+        assert np.array_equal(np.asarray(Image.open(out / row["path"])), images[i])
+        assert float(row["ra"]) == ra[i]
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert pngs == sorted(r["path"] for r in rows)
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_worker_processes_write_the_same_files(h5: Path, tmp_path: Path) -> None:
+    assert export(h5, tmp_path / "one") == 0
+    assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    for path in (tmp_path / "one").rglob("*"):
+        twin = tmp_path / "two" / path.relative_to(tmp_path / "one")
+        assert path.is_dir() or path.read_bytes() == twin.read_bytes()
+
+
+def test_memory_stays_flat_the_images_are_never_read_whole(tmp_path: Path, monkeypatch) -> None:
+    n, size = 6 * CHUNK_ROWS, 64
+    h5 = random_galaxy10(tmp_path / "g.h5", [n // 10] * 10, size=size)
+    read_sizes: list[int] = []
+    getitem = h5py.Dataset.__getitem__
+
+    def spy(self: h5py.Dataset, key: object) -> np.ndarray:
+        result = getitem(self, key)
+        if self.name == "/images":
+            read_sizes.append(len(result))
+        return result
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    tracemalloc.start()
+    try:
+        assert export(h5, tmp_path / "data") == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole = (n // 10) * 10 * size * size * 3
+    assert read_sizes and max(read_sizes) <= CHUNK_ROWS
+    assert sum(read_sizes) == (n // 10) * 10
+    assert peak < whole / 3, f"peak {peak:,} B for a {whole:,} B image array"
+
+
+def test_force_replaces_an_existing_export(h5: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert export(h5, out) == 2
+    assert_one_line_error(capsys, "--force")
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert export(h5, out, "--force") == 0
+    assert not (out / "precious.txt").exists() and (out / "manifest.csv").is_file()
+
+
+def test_a_failure_mid_export_leaves_no_output(h5: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def failing_save(image: np.ndarray, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 20:
+            raise OSError("disk full")
+        Image.fromarray(image).save(path)
+
+    monkeypatch.setattr(load_data, "save_png", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        load_data.main(["--h5", str(h5), "--out", str(tmp_path / "data"), "--workers", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path: Path, capsys) -> None:
+    assert export(tmp_path / "nope.h5", tmp_path / "out") == 2
+    assert_one_line_error(capsys, "not found", "sample_data.py")
+
+
+def test_not_hdf5(tmp_path: Path, capsys) -> None:
+    (tmp_path / "g.h5").write_text("these are not the galaxies you are looking for")
+    assert export(tmp_path / "g.h5", tmp_path / "out") == 2
+    assert_one_line_error(capsys, "not an HDF5 file")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.8, 0.97])
+def test_truncated_file(h5: Path, tmp_path: Path, capsys, keep: float) -> None:
+    cut = tmp_path / "cut.h5"
+    data = h5.read_bytes()
+    cut.write_bytes(data[: int(len(data) * keep)])
+    assert export(cut, tmp_path / "out") == 2
+    assert_one_line_error(capsys, "download it again")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ({"ans": None}, ["lacks", "ans"]),
+        ({"redshift": None, "ra": None}, ["lacks", "ra", "redshift"]),
+        ({"images": np.zeros((4, 32, 32), np.uint8)}, ["shape", "(N, H, W, 3)"]),
+        ({"images": np.zeros((4, 32, 32, 4), np.uint8)}, ["shape"]),
+        ({"images": np.zeros((4, 32, 32, 3), np.float32)}, ["float32", "uint8"]),
+        ({"ans": np.zeros(5, np.uint8)}, ["`ans`", "shape"]),
+        ({"ans": np.array([0, 1, 12, 3], np.uint8)}, ["label 12", "row 2", "0-9"]),
+        ({"ans": np.array([0, 1, -1, 3], np.int16)}, ["label -1"]),
+        ({"ans": np.array([0.0, 1.0, 2.0, 3.0])}, ["float64", "integer"]),
+        ({"dec": np.zeros(3)}, ["`dec`", "shape"]),
+    ],
+)
+def test_malformed_datasets(tmp_path: Path, capsys, override: dict, words: list[str]) -> None:
+    h5 = write_galaxy10(tmp_path / "g.h5", np.zeros((4, 32, 32, 3), np.uint8),
+                        np.array([0, 1, 2, 3], np.uint8), **override)
+    assert export(h5, tmp_path / "out") == 2
+    assert_one_line_error(capsys, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flags(h5: Path, tmp_path: Path, capsys) -> None:
+    assert export(h5, tmp_path / "out", "--val-size", "1.5") == 2
+    assert_one_line_error(capsys, "--val-size")
+    assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert_one_line_error(capsys, "--workers")
+
+
+def test_verify_compares_the_official_checksum(h5: Path, tmp_path: Path, capsys) -> None:
+    assert export(h5, tmp_path / "out", "--verify") == 2
+    assert_one_line_error(capsys, "SHA-256", load_data.OFFICIAL_SHA256)
+    load_data.verify_checksum(h5, hashlib.sha256(h5.read_bytes()).hexdigest())  # passes
+
+
+# ---------------------------------------------------------------- the script
+
+
+def test_import_has_no_side_effects_and_help_works(tmp_path: Path) -> None:
+    code = "import load_data, preprocess_and_balancing"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+    help_text = subprocess.run([sys.executable, str(ROOT / "load_data.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for flag in ("--h5", "--out", "--val-size", "--seed", "--workers", "--force", "--verify"):
+        assert flag in help_text
+    assert "default: Galaxy10_DECals.h5" in help_text and "default: data" in help_text
+
+
+def test_real_galaxies_round_trip_pixel_for_pixel(real_galaxies, tmp_path: Path) -> None:
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path, _ in real_galaxies])
+    labels = np.array([label for _, label in real_galaxies], np.uint8)
+    assert images.shape == (60, 256, 256, 3)
+    h5 = write_galaxy10(tmp_path / "real.h5", images, labels)
+    assert export(h5, tmp_path / "data", "--val-size", "0.5") == 0
+    rows = read_manifest(tmp_path / "data")
+    assert len(rows) == 60 and sum(r["split"] == "val" for r in rows) == 30
+    for row in rows:
+        exported = np.asarray(Image.open(tmp_path / "data" / row["path"]))
+        assert np.array_equal(exported, images[int(row["index"])])
