@@ -1,0 +1,57 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Each sets up .venv itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     ?= $(VENV)/bin/python
+
+# The demo: the real file when it is here, else the built-in sample; a CPU profile without a GPU.
+H5           ?= Galaxy10_DECals.h5
+SAMPLE       ?= galaxy10_sample.h5
+SAMPLE_N     ?= 2000
+CPU_PROFILE  ?= --image-size 64 --epochs 8 --patience 3
+HOST         ?= 127.0.0.1
+PORT         ?= 8000
+
+RUNTIME := $(VENV)/.runtime-installed
+DEV     := $(VENV)/.dev-installed
+
+.PHONY: help demo pipeline serve test lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(RUNTIME): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> train -> web page
+	@$(MAKE) --no-print-directory pipeline PY=$(PY)
+	@$(MAKE) --no-print-directory serve PY=$(PY)
+
+pipeline:  ## the demo's data and training steps, without the web page
+	@set -e; \
+	if [ -f "$(H5)" ]; then h5="$(H5)"; echo "using $(H5)"; \
+	else h5="$(SAMPLE)"; $(PY) sample_data.py --out "$$h5" --n $(SAMPLE_N); fi; \
+	$(PY) load_data.py --h5 "$$h5" --out data --force; \
+	$(PY) preprocess_and_balancing.py --h5 "$$h5" --out balanced_data --force; \
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then profile=""; \
+	else profile="$(CPU_PROFILE)"; echo "no GPU: training the CPU profile ($(CPU_PROFILE))"; fi; \
+	$(PY) cnn.py $$profile
+
+serve:  ## start the upload page on http://$(HOST):$(PORT)
+	$(PY) main.py --host $(HOST) --port $(PORT)
+
+test: $(DEV)  ## lint, then the whole test suite
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: $(DEV)  ## every benchmark at its documented size
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:  ## remove generated data, checkpoints and the environment
+	rm -rf $(VENV) data balanced_data $(SAMPLE) benchmarks/results
