@@ -1,0 +1,496 @@
+"""The web front end: an upload page and a JSON API that classify a galaxy image.
+
+    python main.py                                  # http://127.0.0.1:8000, checkpoints from .
+    python main.py --models-dir runs --port 8080
+
+`GET /` is the upload form, `POST /upload-file/` the result page (class, confidence bars for all
+ten classes, Grad-CAM), `POST /api/predict` the same prediction as JSON, `GET /api/models` and
+`GET /healthz` what is served, `/docs` the OpenAPI page. Uploads stay in memory: nothing a client
+sends is ever written to disk under a name it chose.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
+from PIL import Image
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cnn import load_checkpoint, to_rgb8
+from cnn_use_model import (
+    ImageError,
+    ImageTooLargeError,
+    Prediction,
+    grad_cam,
+    open_image,
+    overlay_heatmap,
+    predict,
+)
+from load_data import Galaxy10Error, run_cli
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES_DIR = HERE / "templates"
+STATIC_DIR = HERE / "static"
+# The checkpoint cnn.py writes by default; served first unless --default-model says otherwise.
+PREFERRED_MODEL = "based_on_balanced_data_model"
+DEFAULT_MAX_UPLOAD_MB = 10.0
+PREVIEW_SIDE = 512  # longest side of the images embedded in the result page
+TRAIN_HINT = "train one with `python cnn.py` (or `make demo` for a quick CPU-sized one)"
+# HTML pages load nothing but our stylesheet and inline data: images; no script runs at all.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+log = logging.getLogger("galaxy10.web")
+
+
+class ServiceError(Exception):
+    """A request that cannot be served, with the status code and message the client gets."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- upload size limit
+
+
+class UploadTooLarge(Exception):
+    """Raised from `receive` once a request body crosses the limit."""
+
+
+class UploadLimitMiddleware:
+    """Pure ASGI middleware: answer 413 for a request body over `max_bytes`, never reading past it.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a body
+    without one (chunked) is counted as it streams in and cut off at the first chunk over the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, too_large: Callable[[Scope], Response]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.too_large = too_large
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.too_large(scope)(scope, receive, send)
+            return
+
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise UploadTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            # Whatever the app made of the aborted body (FastAPI turns it into a 400) is dropped.
+            if received > self.max_bytes:
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if received <= self.max_bytes:
+                raise
+        if received > self.max_bytes and not started:
+            await self.too_large(scope)(scope, receive, send)
+
+
+# ---------------------------------------------------------------- the checkpoints on offer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One checkpoint of this project, known to clients only by its name."""
+
+    name: str
+    path: Path
+    image_size: int
+    class_names: tuple[str, ...]
+    val_acc: float | None
+    epoch: int | None
+
+
+class ModelRegistry:
+    """The checkpoints of this project in one folder, by name (the file stem).
+
+    The folder is re-listed on every call so a model trained while the server runs shows up; a file
+    is opened only when it is new or changed. Files that are not checkpoints of this project are left
+    out. Clients choose among these names; they never name a path.
+    """
+
+    def __init__(self, folder: Path, default_name: str | None = None) -> None:
+        self.folder = folder
+        self.default_name = default_name
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple[int, int], ModelInfo | None]] = {}
+
+    def models(self) -> list[ModelInfo]:
+        """The available models, the default one first, then by name."""
+        with self._lock:
+            paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file())
+            self._seen = {path: self._inspect(path) for path in paths}
+        found = [info for _, info in self._seen.values() if info is not None]
+        return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))
+
+    def get(self, name: str | None) -> ModelInfo:
+        """The model called `name` (the default for an empty name), or a 503/404 ServiceError."""
+        models = self.models()
+        if not models:
+            raise ServiceError(503, f"no trained model is available: {TRAIN_HINT}")
+        if not name:
+            return models[0]
+        for info in models:
+            if info.name == name:
+                return info
+        available = ", ".join(m.name for m in models)
+        raise ServiceError(404, f"unknown model {name!r}; available: {available}")
+
+    def _inspect(self, path: Path) -> tuple[tuple[int, int], ModelInfo | None]:
+        stat = path.stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = self._seen.get(path)
+        if cached is not None and cached[0] == key:
+            return cached
+        try:
+            checkpoint = load_checkpoint(path)
+        except Galaxy10Error as err:
+            log.warning("ignoring %s: %s", path.name, err)
+            return key, None
+        val_acc = checkpoint.get("final_val_acc")  # a fraction, at the epoch the checkpoint kept
+        info = ModelInfo(
+            name=path.stem,
+            path=path,
+            image_size=int(checkpoint["image_size"]),
+            class_names=tuple(checkpoint["class_names"]),
+            val_acc=None if val_acc is None else float(val_acc),
+            epoch=checkpoint.get("epoch"),
+        )
+        return key, info
+
+
+# ---------------------------------------------------------------- classifying one upload
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image, decoded in memory, and what the page says about it."""
+
+    image: Image.Image
+    filename: str
+    format: str
+    size: tuple[int, int]
+    mode: str
+
+
+@contextmanager
+def answered_as_service_errors(model: ModelInfo | None = None) -> Iterator[None]:
+    """Turn the inference module's errors into the status code and message the client gets."""
+    try:
+        yield
+    except ImageTooLargeError as err:  # a decompression bomb, or just too many pixels: never decoded
+        raise ServiceError(400, str(err)) from None
+    except ImageError as err:
+        raise ServiceError(415, str(err)) from None
+    except Galaxy10Error as err:
+        if model is None:
+            raise
+        # The file vanished or changed since it was listed; the server log keeps the path, not the client.
+        log.error("model %s failed to load: %s", model.name, err)
+        detail = f"model {model.name!r} could not be loaded; reload the page to see the models"
+        raise ServiceError(503, detail) from None
+
+
+def read_upload(file: UploadFile) -> Upload:
+    """Decode an upload from memory, or raise the ServiceError that says what is wrong with it."""
+    data = file.file.read()
+    if not data:
+        raise ServiceError(400, "the uploaded file is empty: choose a galaxy image (PNG or JPEG)")
+    with answered_as_service_errors():
+        image = open_image(data)
+    return Upload(
+        image=image,
+        filename=(file.filename or "")[:120],
+        format=image.format or "unknown",
+        size=image.size,
+        mode=image.mode,
+    )
+
+
+def prediction_json(prediction: Prediction, model: ModelInfo) -> dict[str, Any]:
+    """The API's answer: the class, its confidence, every class's probability, the model's name."""
+    return {
+        "class_id": prediction.class_id,
+        "class_name": prediction.class_name,
+        "confidence": prediction.confidence,
+        "probabilities": dict(zip(prediction.class_names, prediction.probabilities, strict=True)),
+        "model": model.name,
+    }
+
+
+def data_url(image: Image.Image) -> str:
+    """An image as an inline JPEG data: URL, so nothing is written to disk to show it."""
+    buffer = io.BytesIO()
+    to_rgb8(image).save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def result_context(
+    upload: Upload, prediction: Prediction, heatmap: np.ndarray, model: ModelInfo
+) -> dict[str, Any]:
+    """What image_result.html shows: the upload, the Grad-CAM overlay and the sorted confidences."""
+    preview = to_rgb8(upload.image).copy()  # to_rgb8 may hand back the upload itself
+    preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    bars = sorted(
+        zip(prediction.class_names, prediction.probabilities, strict=True), key=lambda bar: -bar[1]
+    )
+    return {
+        "upload": upload,
+        "prediction": prediction,
+        "model": model,
+        "bars": bars,
+        "preview_url": data_url(preview),
+        "cam_url": data_url(overlay_heatmap(preview, heatmap)),
+        "preview_size": preview.size,
+    }
+
+
+# ---------------------------------------------------------------- API schemas (for /docs)
+
+
+class PredictionOut(BaseModel):
+    class_id: int
+    class_name: str
+    confidence: float
+    probabilities: dict[str, float]
+    model: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    image_size: int
+    num_classes: int
+    class_names: list[str]
+    val_acc: float | None
+    epoch: int | None
+    default: bool
+
+
+class ModelsOut(BaseModel):
+    default: str | None
+    models: list[ModelOut]
+
+
+class HealthOut(BaseModel):
+    status: str
+    models: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+# ---------------------------------------------------------------- the application
+
+
+def create_app(
+    models_dir: str | os.PathLike[str] = ".",
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    default_model: str | None = None,
+) -> FastAPI:
+    """Build the app: nothing is loaded until it starts (the default model is warmed then)."""
+    folder = Path(models_dir)
+    if not folder.is_dir():
+        raise Galaxy10Error(f"models folder {folder} not found: pass --models-dir with your .pth files")
+    if max_upload_mb <= 0:
+        raise Galaxy10Error(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    registry = ModelRegistry(folder, default_model)
+    templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
+    # One inference at a time per core: more only adds memory (Grad-CAM keeps activations), not speed.
+    inference_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+    max_upload_text = f"{max_upload_mb:g} MB"
+
+    def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("max_upload", max_upload_text)
+        return templates.TemplateResponse(
+            request, template, context, status_code=status_code, headers=PAGE_HEADERS
+        )
+
+    def error_response(request: Request, status_code: int, detail: str) -> Response:
+        if request.url.path.startswith("/api/") or request.url.path == "/healthz":
+            return JSONResponse({"detail": detail}, status_code=status_code)
+        return page(request, "error.html", status_code, code=status_code, detail=detail)
+
+    def too_large(scope: Scope) -> Response:
+        detail = f"the upload is larger than the {max_upload_text} limit: choose a smaller image"
+        return error_response(Request(scope), 413, detail)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        models = await run_in_threadpool(registry.models)
+        if models:
+            default = models[0]
+            blank = Image.new("RGB", (default.image_size, default.image_size))
+            await run_in_threadpool(predict, blank, default.path)  # loads it into cnn_use_model's cache
+            log.info("serving %d model(s); default %s", len(models), default.name)
+        else:
+            log.warning("no trained model in %s: %s", folder, TRAIN_HINT)
+        yield
+
+    app = FastAPI(
+        title="Galaxy10 DECaLS classifier",
+        description="Classify a galaxy image into one of the ten Galaxy10 DECaLS morphology classes.",
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.add_middleware(UploadLimitMiddleware, max_bytes=int(max_upload_mb * 2**20), too_large=too_large)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return error_response(request, exc.status_code, exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{err['loc'][-1]}: {err['msg']}" for err in exc.errors())
+        return error_response(request, 422, f"the form is incomplete ({problems})")
+
+    # Model work below runs in plain `def` routes: FastAPI runs them in its thread pool, off the event loop.
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index(request: Request) -> HTMLResponse:
+        return page(request, "index.html", models=registry.models(), train_hint=TRAIN_HINT)
+
+    @app.post("/upload-file/", response_class=HTMLResponse, include_in_schema=False)
+    def upload_file(
+        request: Request, file: Annotated[UploadFile, File()], network: Annotated[str | None, Form()] = None
+    ) -> HTMLResponse:
+        model = registry.get(network)
+        upload = read_upload(file)
+        with inference_slots, answered_as_service_errors(model):
+            prediction, heatmap = grad_cam(upload.image, model.path)
+            context = result_context(upload, prediction, heatmap, model)
+        return page(request, "image_result.html", **context)
+
+    @app.post("/api/predict", response_model=PredictionOut, responses=_errors(400, 404, 413, 415, 422, 503))
+    def api_predict(
+        file: Annotated[UploadFile, File(description="the galaxy image (PNG, JPEG, ...)")],
+        model: Annotated[str | None, Form(description="a name from /api/models; default: the first")] = None,
+    ) -> dict[str, Any]:
+        info = registry.get(model)
+        upload = read_upload(file)
+        with inference_slots, answered_as_service_errors(info):
+            prediction = predict(upload.image, info.path)
+        return prediction_json(prediction, info)
+
+    @app.get("/api/models", response_model=ModelsOut)
+    def api_models() -> dict[str, Any]:
+        models = registry.models()
+        default = models[0].name if models else None
+        return {
+            "default": default,
+            "models": [
+                {
+                    "name": m.name,
+                    "image_size": m.image_size,
+                    "num_classes": len(m.class_names),
+                    "class_names": list(m.class_names),
+                    "val_acc": m.val_acc,
+                    "epoch": m.epoch,
+                    "default": m.name == default,
+                }
+                for m in models
+            ],
+        }
+
+    @app.get("/healthz", response_model=HealthOut)
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": len(registry.models())}
+
+    return app
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve the galaxy upload page and JSON API with uvicorn.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument(
+        "--models-dir", default=".", help="folder with the .pth checkpoints cnn.py wrote (default: .)"
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest upload accepted, in MB (default: {DEFAULT_MAX_UPLOAD_MB:g})",
+    )
+    parser.add_argument(
+        "--default-model",
+        default=None,
+        help=f"name (file stem) of the model to offer first (default: {PREFERRED_MODEL} if present, "
+        "else the first by name)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    app = create_app(args.models_dir, args.max_upload_mb, args.default_model)
+    names = [m.name for m in app.state.registry.models()]
+    if args.default_model and args.default_model not in names:
+        found = ", ".join(names) or "none"
+        raise Galaxy10Error(f"no model {args.default_model!r} in {args.models_dir} (found: {found})")
+    print(f"{len(names)} model(s) in {args.models_dir}: {', '.join(names) or TRAIN_HINT}")
+    print(f"Serving the galaxy classifier on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,565 @@
+"""main.py: the upload page and JSON API, every error path, and that uploads never touch the disk."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import re
+import struct
+import tempfile
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.responses import PlainTextResponse
+
+import main
+from cnn import CNNModel, checkpoint_metadata, save_checkpoint
+from cnn_use_model import predict
+from load_data import CLASS_NAMES, run_cli
+from main import UploadLimitMiddleware, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+BALANCED = "based_on_balanced_data_model"
+PLAIN = "based_on_data_model"
+# Output biases that give the tiny random models distinct, readable answers.
+SPREAD_BIAS = (0.2, 0.9, 2.4, 1.6, -0.5, 0.6, 0.3, 1.1, -0.2, 0.8)  # favours class 2
+CIGAR_BIAS = tuple(8.0 if i == 4 else 0.0 for i in range(10))  # certain of class 4
+MAX_UPLOAD_MB = 1
+
+
+def write_checkpoint(path: Path, bias: tuple[float, ...], val_acc: float = 0.5) -> Path:
+    torch.manual_seed(0)
+    model = CNNModel(image_size=32)
+    with torch.no_grad():
+        model.classifier[-1].bias.copy_(torch.tensor(bias))
+    payload = {
+        "epoch": 1,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": {},
+        "train_history": {},
+        "final_val_loss": 0.0,
+        "final_val_acc": val_acc,
+        **checkpoint_metadata(32),
+    }
+    save_checkpoint(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    write_checkpoint(folder / f"{BALANCED}.pth", SPREAD_BIAS, val_acc=0.62)
+    write_checkpoint(folder / f"{PLAIN}.pth", CIGAR_BIAS)
+    (folder / "notes.pth").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(models_dir: Path) -> TestClient:
+    with TestClient(create_app(models_dir, max_upload_mb=MAX_UPLOAD_MB)) as test_client:
+        yield test_client
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def galaxy_png() -> bytes:
+    """A small synthetic galaxy (a bright elliptical blob), for tests that do not need a real one."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    blob = np.exp(-(((xx - 32) / 12.0) ** 2 + ((yy - 32) / 6.0) ** 2))
+    rgb = (np.stack([blob, blob * 0.9, blob * 0.7], axis=-1) * 255).astype(np.uint8)
+    return png_bytes(Image.fromarray(rgb))
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares width x height pixels: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b""
+    )
+
+
+def meter_bars(html: str) -> list[tuple[str, float, str]]:
+    """(label, meter value, percentage text) for every confidence bar on a result page."""
+    pattern = re.compile(
+        r'<label class="bar-label" for="(bar-\d+)">([^<]+)</label>\s*'
+        r'<meter id="\1" class="bar-meter" min="0" max="1" value="([\d.]+)">[^<]*</meter>\s*'
+        r'<span class="bar-value">([\d.]+%)</span>'
+    )
+    return [(label, float(value), text) for _, label, value, text in pattern.findall(html)]
+
+
+def data_images(html: str) -> list[Image.Image]:
+    urls = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', html)
+    return [Image.open(io.BytesIO(base64.b64decode(url))) for url in urls]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+# ---------------------------------------------------------------- pages
+
+
+def test_index_offers_models_by_name_never_by_path(client: TestClient, models_dir: Path) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.text
+    assert '<html lang="en" dir="ltr">' in html
+    assert '<link rel="stylesheet" href="/static/style.css">' in html
+    assert 'name="file"' in html and 'type="file"' in html
+    assert re.findall(r'<option value="([^"]+)"', html) == [BALANCED, PLAIN]
+    assert str(models_dir) not in html and ".pth" not in html
+    assert "notes" not in html and "foreign" not in html
+    assert "62.0%" in html  # the balanced model's validation accuracy
+    assert "script-src" not in response.headers["content-security-policy"]
+
+
+def test_stylesheet_is_served(client: TestClient) -> None:
+    response = client.get("/static/style.css")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/css")
+    assert ":focus-visible" in response.text and "@media" in response.text
+
+
+def test_without_a_model_the_page_says_how_to_train_and_the_api_answers_503(
+    tmp_path: Path, galaxy_png: bytes
+) -> None:
+    with TestClient(create_app(tmp_path)) as empty:
+        page = empty.get("/")
+        assert page.status_code == 200
+        assert "python cnn.py" in page.text and "make demo" in page.text
+        assert "<form" not in page.text
+        api = empty.post("/api/predict", files={"file": ("g.png", galaxy_png, "image/png")})
+        assert api.status_code == 503
+        assert "python cnn.py" in api.json()["detail"]
+        html = empty.post("/upload-file/", files={"file": ("g.png", galaxy_png, "image/png")})
+        assert html.status_code == 503 and "No model available" in html.text
+        assert empty.get("/healthz").json() == {"status": "ok", "models": 0}
+        assert empty.get("/api/models").json() == {"default": None, "models": []}
+
+
+def test_result_page_shows_class_sorted_bars_and_grad_cam(
+    client: TestClient, models_dir: Path, real_galaxies: list[tuple[Path, int]]
+) -> None:
+    path, _ = real_galaxies[0]
+    response = client.post(
+        "/upload-file/",
+        files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+        data={"network": BALANCED},
+    )
+    assert response.status_code == 200
+    html = response.text
+    bars = meter_bars(html)
+    assert sorted(label for label, _, _ in bars) == sorted(CLASS_NAMES)
+    values = [value for _, value, _ in bars]
+    assert values == sorted(values, reverse=True) and sum(values) == pytest.approx(1, abs=1e-4)
+    assert all(text == f"{value * 100:.1f}%" for _, value, text in bars)
+    expected = predict(path, models_dir / f"{BALANCED}.pth")
+    assert bars[0][0] == expected.class_name == CLASS_NAMES[2]
+    assert f'<p id="verdict-class" class="verdict-class">{expected.class_name}</p>' in html
+    assert f"{BALANCED} (32 px input)" in html
+    assert "256&times;256 px, RGB, JPEG" in html and path.name in html
+    preview, overlay = data_images(html)
+    assert preview.size == overlay.size == (256, 256)
+    # The overlay is the preview tinted by the heat map, not a copy of it.
+    assert np.abs(np.asarray(preview, float) - np.asarray(overlay, float)).mean() > 5
+    assert 'alt="Grad-CAM heat map' in html
+
+
+def test_result_page_uses_the_chosen_network(client: TestClient, galaxy_png: bytes) -> None:
+    response = client.post(
+        "/upload-file/", files={"file": ("g.png", galaxy_png, "image/png")}, data={"network": PLAIN}
+    )
+    assert response.status_code == 200
+    assert meter_bars(response.text)[0][0] == CLASS_NAMES[4]
+    assert f"{PLAIN} (32 px input)" in response.text
+    assert "64&times;64 px, RGB, PNG" in response.text
+
+
+def test_result_page_reports_the_original_size_and_mode_of_a_large_upload(client: TestClient) -> None:
+    grey = Image.fromarray(np.random.default_rng(3).integers(0, 256, (600, 800), dtype=np.uint8))
+    response = client.post("/upload-file/", files={"file": ("wide.png", png_bytes(grey))})
+    assert response.status_code == 200
+    assert "800&times;600 px, L, PNG" in response.text
+    assert [image.size for image in data_images(response.text)] == [(512, 384), (512, 384)]
+
+
+# ---------------------------------------------------------------- JSON API
+
+
+def test_api_predict_matches_cnn_use_model(
+    client: TestClient, models_dir: Path, real_galaxies: list[tuple[Path, int]]
+) -> None:
+    for path, _ in real_galaxies[::20]:
+        response = client.post("/api/predict", files={"file": (path.name, path.read_bytes())})
+        assert response.status_code == 200
+        body = response.json()
+        expected = predict(path, models_dir / f"{BALANCED}.pth")
+        assert body["model"] == BALANCED
+        assert (body["class_id"], body["class_name"]) == (expected.class_id, expected.class_name)
+        assert body["confidence"] == pytest.approx(expected.confidence, abs=1e-6)
+        assert list(body["probabilities"]) == list(CLASS_NAMES)
+        assert list(body["probabilities"].values()) == pytest.approx(expected.probabilities, abs=1e-6)
+
+
+def test_api_predict_uses_the_named_model(client: TestClient, galaxy_png: bytes) -> None:
+    response = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": PLAIN})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == PLAIN
+    assert body["class_id"] == 4 and body["class_name"] == CLASS_NAMES[4]
+    assert body["confidence"] == max(body["probabilities"].values()) > 0.9
+
+
+def test_api_models_and_healthz(client: TestClient) -> None:
+    listing = client.get("/api/models").json()
+    assert listing["default"] == BALANCED
+    assert [m["name"] for m in listing["models"]] == [BALANCED, PLAIN]
+    first = listing["models"][0]
+    assert first["image_size"] == 32 and first["num_classes"] == 10
+    assert first["class_names"] == list(CLASS_NAMES)
+    assert first["val_acc"] == pytest.approx(0.62) and first["default"] is True
+    assert client.get("/healthz").json() == {"status": "ok", "models": 2}
+
+
+def test_openapi_docs(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/predict", "/api/models", "/healthz"} <= set(paths)
+    assert {"404", "413", "415"} <= set(paths["/api/predict"]["post"]["responses"])
+
+
+def test_default_model_order(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "a_first_by_name.pth", SPREAD_BIAS)
+    write_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)
+    with TestClient(create_app(tmp_path)) as preferred:
+        assert preferred.get("/api/models").json()["default"] == BALANCED
+    with TestClient(create_app(tmp_path, default_model="a_first_by_name")) as chosen:
+        assert chosen.get("/api/models").json()["default"] == "a_first_by_name"
+
+
+def test_a_model_trained_while_serving_appears(tmp_path: Path) -> None:
+    with TestClient(create_app(tmp_path)) as live:
+        assert live.get("/healthz").json()["models"] == 0
+        write_checkpoint(tmp_path / "fresh.pth", SPREAD_BIAS)
+        assert live.get("/healthz").json()["models"] == 1
+        assert '<option value="fresh" selected>' in live.get("/").text
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_upload_over_the_declared_limit_gets_413(client: TestClient, route: str) -> None:
+    too_big = b"\0" * (MAX_UPLOAD_MB * 2**20 + 1)
+    response = client.post(route, files={"file": ("big.png", too_big, "image/png")})
+    assert response.request.headers["content-length"].isdigit()
+    assert response.status_code == 413
+    if route.startswith("/api/"):
+        detail = "the upload is larger than the 1 MB limit: choose a smaller image"
+        assert response.json() == {"detail": detail}
+    else:
+        assert "The upload is too large" in response.text and 'href="/"' in response.text
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_chunked_upload_over_the_limit_gets_413(client: TestClient, route: str) -> None:
+    boundary = "galaxyboundary"
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+
+    def body():
+        yield head
+        for _ in range(3 * MAX_UPLOAD_MB * 16):  # 3 MB in 64 KiB chunks
+            yield b"\0" * 2**16
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post(
+        route, content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert "larger than the 1 MB limit" in response.text
+
+
+def run_middleware(headers: list[tuple[bytes, bytes]], chunks: int) -> tuple[int, list[dict]]:
+    """Drive UploadLimitMiddleware (limit 100 bytes) over an app that reads the whole body."""
+    received = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"x" * 40, "more_body": received < chunks}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await PlainTextResponse("read it all")(scope, receive, send)
+
+    middleware = UploadLimitMiddleware(app, 100, lambda scope: PlainTextResponse("too large", 413))
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
+    asyncio.run(middleware(scope, receive, send))
+    return received, sent
+
+
+def test_middleware_never_reads_a_body_declared_too_large() -> None:
+    received, sent = run_middleware([(b"content-length", b"10000000000")], chunks=10**9)
+    assert received == 0
+    assert sent[0]["status"] == 413 and sent[1]["body"] == b"too large"
+
+
+def test_middleware_stops_reading_a_stream_at_the_limit() -> None:
+    received, sent = run_middleware([], chunks=10**9)
+    assert received == 3  # 120 bytes: the first chunk over 100
+    assert sent[0]["status"] == 413 and len(sent) == 2
+
+
+def test_middleware_passes_a_body_within_the_limit() -> None:
+    received, sent = run_middleware([(b"content-length", b"80")], chunks=2)
+    assert received == 2
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"read it all"
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.fixture(scope="module")
+def bad_uploads(galaxy_png: bytes) -> dict[str, bytes]:
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return {
+        "text": b"This is a text file, not a galaxy.\n" * 20,
+        "random bytes": np.random.default_rng(1).bytes(4096),
+        "truncated PNG": truncated(png_bytes(noisy)),
+        "truncated JPEG": truncated(png_bytes(noisy, "JPEG")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "random bytes", "truncated PNG", "truncated JPEG"])
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_non_images_get_415(client: TestClient, bad_uploads: dict[str, bytes], kind: str, route: str) -> None:
+    response = client.post(route, files={"file": ("galaxy.png", bad_uploads[kind], "image/png")})
+    assert response.status_code == 415
+    if route.startswith("/api/"):
+        assert "not a readable image" in response.json()["detail"]
+    else:
+        assert "Not an image this server can read" in response.text and 'href="/"' in response.text
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_empty_file_gets_400(client: TestClient, route: str) -> None:
+    response = client.post(route, files={"file": ("empty.png", b"", "image/png")})
+    assert response.status_code == 400
+    assert "the uploaded file is empty" in response.text
+
+
+@pytest.mark.parametrize(
+    ("side", "message"),
+    [
+        (100_000, "too large to decode safely"),  # over PIL's own bomb limit
+        (8_000, "is 8000x8000 pixels, more than the 40,000,000 allowed"),  # over cnn_use_model's
+    ],
+)
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_decompression_bomb_gets_400(client: TestClient, route: str, side: int, message: str) -> None:
+    response = client.post(route, files={"file": ("bomb.png", bomb_png(side, side), "image/png")})
+    assert response.status_code == 400
+    assert message in response.text
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "name"),
+    [
+        ("/api/predict", "model", "nope"),
+        ("/upload-file/", "network", "nope"),
+        ("/upload-file/", "network", "../../etc/passwd"),
+        ("/upload-file/", "network", f"{BALANCED}.pth"),
+    ],
+)
+def test_unknown_model_gets_404(
+    client: TestClient, galaxy_png: bytes, route: str, field: str, name: str
+) -> None:
+    response = client.post(route, files={"file": ("g.png", galaxy_png)}, data={field: name})
+    assert response.status_code == 404
+    assert f"unknown model {name!r}; available: {BALANCED}, {PLAIN}" in response.text.replace("&#39;", "'")
+
+
+def test_a_path_to_a_real_checkpoint_elsewhere_is_refused(
+    client: TestClient, galaxy_png: bytes, tmp_path: Path
+) -> None:
+    outside = write_checkpoint(tmp_path / "outside.pth", CIGAR_BIAS)
+    for name in (str(outside), str(outside.with_suffix(""))):
+        response = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": name})
+        assert response.status_code == 404
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_missing_file_field_gets_422(client: TestClient, route: str) -> None:
+    response = client.post(route, data={"network": BALANCED, "model": BALANCED})
+    assert response.status_code == 422
+    if route.startswith("/api/"):
+        assert response.json() == {"detail": "the form is incomplete (file: Field required)"}
+    else:
+        assert "The form is incomplete" in response.text and "file: Field required" in response.text
+
+
+def test_unknown_page_gets_a_friendly_404(client: TestClient) -> None:
+    response = client.get("/no/such/page")
+    assert response.status_code == 404
+    assert "Back to the upload form" in response.text
+
+
+# ---------------------------------------------------------------- nothing written anywhere
+
+
+def test_hostile_file_names_write_nothing_anywhere(
+    models_dir: Path, galaxy_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")}
+    models_before = tree_digest(models_dir)
+    cwd, temp = tmp_path / "cwd", tmp_path / "temp"
+    cwd.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # Over Starlette's 1 MB in-memory spool, so the upload also passes through a temporary file.
+    big = png_bytes(Image.fromarray(np.random.default_rng(2).integers(0, 256, (700, 700, 3), dtype=np.uint8)))
+    assert len(big) > 2**20
+    names = [
+        "../templates/index.html", "..\\..\\x.png", "/tmp/owned.png", "../../static/x.png", "<b>bold</b>.png",
+    ]
+    with TestClient(create_app(models_dir, max_upload_mb=5)) as test_client:
+        for name in names:
+            for route in ("/api/predict", "/upload-file/"):
+                response = test_client.post(route, files={"file": (name, big, "image/png")})
+                assert response.status_code == 200
+        page = test_client.post("/upload-file/", files={"file": ("<b>bold</b>.png", galaxy_png)}).text
+    assert "&lt;b&gt;bold&lt;/b&gt;.png" in page and "<b>bold</b>" not in page
+    assert {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")} == before
+    assert tree_digest(models_dir) == models_before
+    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == []
+    assert not Path("/tmp/owned.png").exists()
+
+
+# ---------------------------------------------------------------- serving
+
+
+def test_the_default_model_is_warmed_at_startup_not_at_build(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmed: list[Path] = []
+
+    def recording_predict(source, model_path, **kwargs):
+        warmed.append(Path(model_path))
+        return predict(source, model_path, **kwargs)
+
+    monkeypatch.setattr(main, "predict", recording_predict)
+    app = create_app(models_dir)
+    assert warmed == []
+    with TestClient(app):
+        assert warmed == [models_dir / f"{BALANCED}.pth"]
+
+
+def test_concurrent_requests_all_succeed(client: TestClient, galaxy_png: bytes) -> None:
+    def call(i: int) -> tuple[int, str]:
+        if i % 2:
+            response = client.post("/upload-file/", files={"file": ("g.png", galaxy_png)})
+            return response.status_code, meter_bars(response.text)[0][0]
+        response = client.post("/api/predict", files={"file": ("g.png", galaxy_png)})
+        return response.status_code, response.json()["class_name"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(16)))
+    assert results == [(200, CLASS_NAMES[2])] * 16
+
+
+def test_inference_does_not_block_the_event_loop(
+    client: TestClient, galaxy_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_predict(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(main, "predict", slow_predict)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/api/predict", files={"file": ("g.png", galaxy_png)})
+        assert entered.wait(10)
+        assert client.get("/healthz").status_code == 200  # answered while the prediction is stuck
+        assert not pending.done()
+        release.set()
+        assert pending.result(10).status_code == 200
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_help_states_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 127.0.0.1)", "(default: 8000)", "(default: .)", "(default: 10)"):
+        assert default in text
+    assert f"(default: {BALANCED} if present" in text
+
+
+def test_cli_serves_the_app_on_the_given_address(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = {}
+    monkeypatch.setattr(main.uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    args = ["--models-dir", str(models_dir), "--port", "8123", "--max-upload-mb", "2"]
+    assert run_cli(main.main, args) == 0
+    assert isinstance(served["app"], FastAPI) and (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:8123" in out and f"2 model(s) in {models_dir}: {BALANCED}, {PLAIN}" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--models-dir", "no/such/folder"], "error: models folder no/such/folder not found"),
+        (["--max-upload-mb", "0"], "error: --max-upload-mb must be positive"),
+        (["--default-model", "nope"], "error: no model 'nope' in"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    args: list[str], message: str, models_dir: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(models_dir)
+    monkeypatch.setattr(main.uvicorn, "run", lambda *a, **k: pytest.fail("must not serve"))
+    assert run_cli(main.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
