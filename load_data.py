@@ -55,17 +55,16 @@ class Galaxy10Error(Exception):
     """A problem the user can fix. Scripts print it as one line, without a traceback."""
 
 
-def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; turn user errors and Ctrl-C into one line and an exit code."""
     try:
-        main(argv)
+        return main(argv) or 0
     except Galaxy10Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was kept from the unfinished step", file=sys.stderr)
         return 130
-    return 0
 
 
 # ---------------------------------------------------------------- reading and checking the file

@@ -1,0 +1,405 @@
+"""cnn_use_model.py: input kinds, the model cache, fidelity to the plain model, TTA, Grad-CAM, the CLI."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnn_use_model as cum
+from cnn import (
+    CNNModel,
+    checkpoint_metadata,
+    image_to_tensor,
+    model_from_checkpoint,
+    save_checkpoint,
+    to_model_input,
+)
+from load_data import CLASS_NAMES, Galaxy10Error, run_cli
+
+SIZE = 32
+
+
+def write_checkpoint(path: Path, seed: int = 0, size: int = SIZE, centred: bool = True) -> Path:
+    """A random checkpoint whose last layer is rescaled so that logits spread over a few units, as a
+    trained model's do (a freshly initialised one gives every class 0.1000, which would hide any error).
+    `centred` also removes the logits' mean over images, so that different images get different classes
+    even at 32 px, where a random network's features hardly depend on the image."""
+    torch.manual_seed(seed)
+    model = CNNModel(image_size=size).eval()
+    probe = torch.from_numpy(np.stack([galaxy_array(s, size) for s in range(16)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(to_model_input(probe))
+        mean = logits.mean(dim=0) if centred else torch.zeros(logits.shape[1])
+        scale = 3.0 / (logits - mean).std()
+        model.classifier[-1].weight.mul_(scale)
+        model.classifier[-1].bias.copy_(-mean * scale)
+    payload = {
+        "epoch": 1, "model_state_dict": model.state_dict(), "optimizer_state_dict": {},
+        "train_history": {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []},
+        "final_val_loss": 0.0, "final_val_acc": 0.0, **checkpoint_metadata(size),
+    }
+    save_checkpoint(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("model") / "model.pth")
+
+
+def galaxy_array(seed: int, size: int = SIZE) -> np.ndarray:
+    """A synthetic, asymmetric blob (so rotations change the plain prediction) as uint8 (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    cx, cy = rng.uniform(0.3, 0.7, size=2)
+    sx, sy = rng.uniform(0.05, 0.2, size=2)
+    blob = np.exp(-((x - cx) ** 2 / sx**2 + (y - cy) ** 2 / sy**2))
+    rgb = blob[..., None] * rng.uniform(120, 255, size=3) + rng.normal(0, 8, size=(size, size, 3))
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def plain_probabilities(ckpt: Path, images: list[Image.Image]) -> torch.Tensor:
+    """The reference: cnn.py's own model and preprocessing, float32, no optimisation."""
+    model = model_from_checkpoint(torch.load(ckpt, weights_only=True))
+    batch = torch.stack([image_to_tensor(image, model.image_size) for image in images])
+    with torch.no_grad():
+        return model(to_model_input(batch)).softmax(dim=1)
+
+
+# ---------------------------------------------------------------- inputs and predictions
+
+
+def test_every_source_kind_gives_the_same_prediction(ckpt: Path, tmp_path: Path) -> None:
+    array = galaxy_array(1, size=80)
+    path = tmp_path / "galaxy.png"
+    Image.fromarray(array).save(path)
+    sources = [str(path), path, path.read_bytes(), Image.open(path), array]
+    results = [cum.predict(source, ckpt) for source in sources]
+    for result in results[1:]:
+        assert result.probabilities == results[0].probabilities
+    grey = array.mean(axis=2).astype(np.uint8)
+    assert cum.predict(grey, ckpt).probabilities == cum.predict(Image.fromarray(grey), ckpt).probabilities
+
+
+def test_prediction_fields_and_json(ckpt: Path) -> None:
+    prediction = cum.predict(galaxy_array(2), ckpt, top_k=3)
+    probs = prediction.probabilities
+    assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-6)
+    assert prediction.class_id == int(np.argmax(probs))
+    assert prediction.confidence == max(probs)
+    assert prediction.class_name == CLASS_NAMES[prediction.class_id]
+    assert prediction.class_names == CLASS_NAMES and prediction.model == "model.pth"
+    assert [k[0] for k in prediction.top_k] == list(np.argsort(probs)[::-1][:3])
+    assert [k[2] for k in prediction.top_k] == sorted((k[2] for k in prediction.top_k), reverse=True)
+    assert len(cum.predict(galaxy_array(2), ckpt).top_k) == 10
+    decoded = json.loads(json.dumps(prediction.to_dict()))
+    assert decoded["class_name"] == prediction.class_name and len(decoded["top_k"]) == 3
+    with pytest.raises(AttributeError):
+        prediction.class_id = 0  # frozen
+
+
+def test_main_returns_the_class_name_as_the_original(ckpt: Path, tmp_path: Path) -> None:
+    path = tmp_path / "g.png"
+    Image.fromarray(galaxy_array(3)).save(path)
+    assert cum.main(str(path), str(ckpt)) == cum.predict(path, ckpt).class_name
+
+
+def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, int]]) -> None:
+    for path, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
+        for size in (SIZE, 256):
+            expected = image_to_tensor(Image.open(path), size)
+            assert torch.equal(cum.model_input(cum.open_image(path), size), expected)
+
+
+@pytest.fixture(scope="module")
+def ckpt64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 px and not centred: as in a trained model, the logits' differences are not a tiny part of
+    large activations (which bfloat16 could not resolve)."""
+    return write_checkpoint(tmp_path_factory.mktemp("model64") / "m64.pth", size=64, centred=False)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_optimised_model_matches_the_plain_model(ckpt64: Path, exact: bool) -> None:
+    ckpt = ckpt64
+    images = [Image.fromarray(galaxy_array(seed, size=72)) for seed in range(100, 110)]
+    reference = plain_probabilities(ckpt, images).double()
+    ours = torch.tensor([cum.predict(image, ckpt, exact=exact).probabilities for image in images])
+    batch = cum.predict_batch(images, ckpt, batch_size=5, exact=exact)
+    batched = torch.tensor([p.probabilities for p in batch])
+    assert reference.argmax(1).unique().numel() > 1, "the images should not all get one class"
+    low_precision = not exact and cum.native_bf16(torch.device("cpu"))
+    for probs in (ours, batched):
+        assert torch.equal(probs.argmax(1), reference.argmax(1))
+        # float32 is exact up to rounding; bfloat16 moved these random models' probabilities by up to 0.011
+        assert (probs - reference).abs().max() < (2e-2 if low_precision else 1e-4)
+
+
+def test_image_modes(ckpt: Path, tmp_path: Path) -> None:
+    rgb = galaxy_array(4)
+    reference = cum.predict(rgb, ckpt)
+    sixteen = tmp_path / "16bit.png"
+    Image.fromarray(rgb.mean(axis=2).astype(np.uint16) * 257).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I")
+    grey_8bit = cum.predict(rgb.mean(axis=2).astype(np.uint8), ckpt)
+    assert cum.predict(sixteen, ckpt).probabilities == pytest.approx(grey_8bit.probabilities, abs=1e-6)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert cum.predict(png_bytes(Image.fromarray(rgba)), ckpt).probabilities == reference.probabilities
+    others = [
+        Image.fromarray(rgb).convert("P"),
+        Image.fromarray(rgb).convert("L"),
+        Image.open(io.BytesIO(png_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG"))),
+        Image.open(io.BytesIO(png_bytes(Image.fromarray(rgb), "JPEG"))),
+        Image.fromarray(galaxy_array(4, size=300)).resize((301, 157)),
+    ]
+    for image in others:
+        assert 0 <= cum.predict(image, ckpt).class_id < 10
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def truncated_png() -> bytes:
+    data = png_bytes(Image.fromarray(galaxy_array(5)))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"hello, this is text\n", truncated_png()], ids=["empty", "text", "truncated"]
+)
+def test_unreadable_data_raises_image_error(data: bytes, ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(cum.ImageError, match="not a readable image"):
+        cum.open_image(data)
+    path = tmp_path / "bad.png"
+    path.write_bytes(data)
+    with pytest.raises(cum.ImageError, match="bad.png"):
+        cum.predict(path, ckpt)
+
+
+def test_bad_arrays_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(cum.ImageError, match="uint8"):
+        cum.open_image(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(cum.ImageError, match="not found"):
+        cum.open_image(tmp_path / "missing.png")
+    assert issubclass(cum.ImageError, Galaxy10Error)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: tiny on disk, enormous if decoded."""
+    data = bytearray(png_bytes(Image.new("L", (1, 1))))
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    bomb = bomb_png(8_000, 8_000)  # 64 megapixels: over our 40 MP limit, under PIL's own
+    assert len(bomb) < 100
+    with pytest.raises(cum.ImageTooLargeError, match="8000x8000"):
+        cum.open_image(bomb)
+    # PIL's own bomb check (it fires inside Image.open) must become the same error.
+    for max_pixels in (cum.MAX_PIXELS, 10**12):
+        with pytest.raises(cum.ImageTooLargeError, match="too large"):
+            cum.open_image(bomb_png(100_000, 100_000), max_pixels=max_pixels)  # 30 GB if decoded
+    with pytest.raises(cum.ImageTooLargeError):
+        cum.open_image(Image.new("L", (200, 200)), max_pixels=100 * 100)
+    assert cum.open_image(png_bytes(Image.new("L", (300, 300))), max_pixels=300 * 300).size == (300, 300)
+
+
+def test_foreign_checkpoints_raise_a_clear_error(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pth"
+    torch.save({"weights": [1, 2, 3]}, plain)
+    state_dict = tmp_path / "state_dict.pth"
+    torch.save(CNNModel(image_size=32).state_dict(), state_dict)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    for path in (plain, state_dict, text, tmp_path / "missing.pth"):
+        with pytest.raises(Galaxy10Error, match=path.name):
+            cum.predict(galaxy_array(0), path)
+
+
+# ---------------------------------------------------------------- the cache and threads
+
+
+def test_model_is_cached_and_reloaded_when_the_file_changes(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "m.pth", seed=1)
+    first = cum.load_model(path)
+    assert cum.load_model(str(path)) is first
+    before = cum.predict(galaxy_array(6), path).probabilities
+    write_checkpoint(path, seed=2)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = cum.load_model(path)
+    assert second is not first and cum.load_model(path) is second
+    assert cum.predict(galaxy_array(6), path).probabilities != before
+
+
+def test_threads_share_one_model_and_agree(ckpt: Path) -> None:
+    arrays = [galaxy_array(seed) for seed in range(6)]
+    expected = [cum.predict(a, ckpt).probabilities for a in arrays]
+    results: dict[int, tuple[float, ...]] = {}
+    heatmaps: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        results[i] = cum.predict(arrays[i], ckpt).probabilities
+        heatmaps[i] = cum.grad_cam(arrays[i], ckpt)[1]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(6)] == expected
+    for i in range(6):
+        np.testing.assert_allclose(heatmaps[i], cum.grad_cam(arrays[i], ckpt)[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- TTA and Grad-CAM
+
+
+def test_tta_is_invariant_to_flips_and_rotations(ckpt: Path) -> None:
+    array = galaxy_array(7)
+    tta = np.array(cum.predict(array, ckpt, tta=True).probabilities)
+    views = [np.rot90(array, 1), np.rot90(array, 2), np.fliplr(array), np.flipud(np.rot90(array, 1))]
+    plain = [np.array(cum.predict(np.ascontiguousarray(v), ckpt).probabilities) for v in views]
+    assert max(np.abs(p - plain[0]).max() for p in plain[1:]) > 1e-3, "the plain model is not invariant"
+    for view in views:
+        view_tta = cum.predict(np.ascontiguousarray(view), ckpt, tta=True).probabilities
+        np.testing.assert_allclose(view_tta, tta, atol=2e-3)
+    exact_tta = cum.predict(array, ckpt, tta=True, exact=True).probabilities
+    eight = [np.rot90(v, k).copy() for v in (array, np.fliplr(array)) for k in range(4)]
+    mean = np.mean([p.probabilities for p in cum.predict_batch(eight, ckpt, exact=True)], axis=0)
+    np.testing.assert_allclose(exact_tta, mean, atol=1e-6)
+
+
+def test_grad_cam_heatmap(ckpt: Path) -> None:
+    array = galaxy_array(8)
+    prediction, heatmap = cum.grad_cam(array, ckpt)
+    assert prediction.probabilities == cum.predict(array, ckpt).probabilities
+    assert heatmap.shape == (SIZE, SIZE) and heatmap.dtype == np.float32
+    assert heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
+    other = (prediction.class_id + 1) % 10
+    _, other_map = cum.grad_cam(array, ckpt, class_id=other)
+    assert other_map.shape == (SIZE, SIZE) and not np.allclose(other_map, heatmap)
+    with pytest.raises(ValueError, match="class_id"):
+        cum.grad_cam(array, ckpt, class_id=10)
+    image = Image.fromarray(galaxy_array(8, size=120))
+    overlay = cum.overlay_heatmap(image, heatmap)
+    assert overlay.size == image.size and overlay.mode == "RGB"
+    assert not np.array_equal(np.asarray(overlay), np.asarray(image))
+
+
+# ---------------------------------------------------------------- batch and command line
+
+
+def test_predict_batch_keeps_order_and_reports_bad_items(ckpt: Path) -> None:
+    arrays = [galaxy_array(seed) for seed in range(5)]
+    sources = [arrays[0], b"junk", arrays[1], arrays[2], arrays[3], arrays[4]]
+    results = cum.predict_batch(sources, ckpt, batch_size=2)
+    assert isinstance(results[1], cum.ImageError)
+    good = [r for r in results if not isinstance(r, cum.ImageError)]
+    for result, array in zip(good, arrays, strict=True):
+        assert result.probabilities == pytest.approx(cum.predict(array, ckpt).probabilities, abs=1e-5)
+
+
+def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(galaxy_array(9)).save(folder / "a.png")
+    Image.fromarray(galaxy_array(10)).save(folder / "sub" / "b.JPG")
+    (folder / "broken.png").write_bytes(truncated_png())
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "predictions.csv"
+    assert run_cli(cum.cli_main, [str(folder), "--model", str(ckpt), "--csv", str(out), "--top-k", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "a.png" in captured.out and "b.JPG" in captured.out
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "class_id", "class_name", "confidence", *CLASS_NAMES]
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.JPG"]
+    for row in rows:
+        probs = [float(row[name]) for name in CLASS_NAMES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["class_name"] == CLASS_NAMES[int(row["class_id"])]
+        assert float(row["confidence"]) == max(probs)
+    assert not list(tmp_path.glob(".predictions.csv.tmp*"))
+
+
+def test_cli_bad_checkpoint_and_no_inputs_exit_2(ckpt: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "g.png"
+    Image.fromarray(galaxy_array(11)).save(image)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00" * 64)
+    assert run_cli(cum.cli_main, [str(image), "--model", str(bad)]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(cum.cli_main, [str(empty), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "bad.pth" in err and "nothing to classify" in err and "Traceback" not in err
+
+
+def write_h5(path: Path, n: int, labels: bool) -> Path:
+    with h5py.File(path, "w") as f:
+        f["images"] = np.stack([galaxy_array(seed, size=96) for seed in range(n)])
+        if labels:
+            f["ans"] = np.arange(n, dtype=np.uint8) % 3
+    return path
+
+
+def test_cli_h5_rows_with_accuracy_table(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cum, "H5_CHUNK_ROWS", 4)  # rows are read in several chunks
+    h5 = write_h5(tmp_path / "galaxies.h5", n=30, labels=True)
+    out = tmp_path / "rows.csv"
+    assert run_cli(cum.cli_main, [str(h5), "--model", str(ckpt), "--csv", str(out), "--batch-size", "7"]) == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [f"{h5}#{i}" for i in range(30)]
+    with h5py.File(h5) as f:
+        truth = f["ans"][:]
+        expected = [p.class_id for p in cum.predict_batch(list(f["images"][:]), ckpt)]
+    assert [int(r["class_id"]) for r in rows] == expected
+    text = capsys.readouterr().out
+    accuracy = np.mean(np.array(expected) == truth)
+    assert f"accuracy {accuracy:.1%}" in text
+    assert "support" in text and "correct" in text
+    table = {line[:2]: line.split() for line in text.splitlines() if line[:1].isdigit() and line[1] == " "}
+    hits = sum(e == t == 0 for e, t in zip(expected, truth, strict=True))
+    assert table["0 "][-3:] == ["10", str(hits), f"{hits / 10:.1%}"]
+    assert table["5 "][-3:] == ["0", "0", "-"]
+
+
+def test_cli_h5_without_labels_and_foreign_h5(ckpt: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    h5 = write_h5(tmp_path / "unlabelled.h5", n=3, labels=False)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.zeros(4)
+    assert run_cli(cum.cli_main, [str(h5), str(foreign), "--model", str(ckpt)]) == 1
+    captured = capsys.readouterr()
+    assert f"{h5}#2" in captured.out and "accuracy" not in captured.out
+    assert "foreign.h5" in captured.err and "Galaxy10" in captured.err
+
+
+def test_real_galaxies_all_get_valid_predictions(ckpt: Path, real_galaxies: list[tuple[Path, int]]) -> None:
+    results = cum.predict_batch([path for path, _ in real_galaxies], ckpt)
+    assert len(results) == len(real_galaxies) == 60
+    for result in results:
+        assert isinstance(result, cum.Prediction), result
+        assert 0 <= result.class_id < 10 and sum(result.probabilities) == pytest.approx(1.0, abs=1e-6)
