@@ -65,6 +65,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted: nothing was kept from the unfinished step", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: stop quietly, like other shell tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # ---------------------------------------------------------------- reading and checking the file
