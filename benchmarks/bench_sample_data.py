@@ -1,0 +1,93 @@
+"""Speed of sample_data.py: per-image render time and whole-file throughput.
+
+    python benchmarks/bench_sample_data.py                     # the full 17,736 x 256 px file
+    python benchmarks/bench_sample_data.py --n 2000 --image-size 64
+
+Target: the full-size file in <= 90 s on 2 cores (about 200 images/s). The file is written to a
+temporary folder and deleted afterwards; figures go to stdout and benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sample_data  # noqa: E402
+from load_data import CLASS_NAMES, run_cli  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_sample_data.json"
+
+
+def render_ms_per_class(image_size: int, per_class: int) -> dict[str, float]:
+    """Median single-process milliseconds to render one image, per class."""
+    timings = {}
+    for label, name in enumerate(CLASS_NAMES):
+        samples = []
+        for i in range(per_class):
+            rng = np.random.default_rng([0, label, i])
+            start = time.perf_counter()
+            sample_data.render_galaxy(label, rng, image_size)
+            samples.append((time.perf_counter() - start) * 1000)
+        timings[name] = float(np.median(samples))
+    return timings
+
+
+def time_write(n: int, image_size: int, workers: int) -> dict[str, float]:
+    """Wall time and size of writing a whole file, deleted afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench_sample_data-") as folder:
+        path = Path(folder) / "sample.h5"
+        start = time.perf_counter()
+        sample_data.write_sample(path, n=n, image_size=image_size, workers=workers)
+        wall = time.perf_counter() - start
+        size = path.stat().st_size
+    return {"wall_s": wall, "images_per_s": n / wall, "file_gb": size / 1e9}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cpus = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=17736,
+                        help="images to write (default: 17736, the full file)")
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--workers", type=int, default=cpus,
+                        help=f"rendering processes (default: the CPU count, {cpus} here)")
+    parser.add_argument("--per-class", type=int, default=20,
+                        help="images per class for the single-process render timing (default: 20)")
+    args = parser.parse_args(argv)
+    sample_data.class_counts(args.n)  # a bad --n fails here, before the timings
+
+    per_class = render_ms_per_class(args.image_size, args.per_class)
+    write = time_write(args.n, args.image_size, args.workers)
+    result = {
+        "n": args.n, "image_size": args.image_size, "workers": args.workers, "cpus": cpus,
+        "machine": platform.processor() or platform.machine(),
+        "render_ms_per_image_by_class": per_class,
+        "render_ms_per_image_mean": float(np.mean(list(per_class.values()))),
+        **write,
+    }
+    print(f"\n{'class':<36}{'render ms/img':>14}")
+    for name, ms in per_class.items():
+        print(f"{name:<36}{ms:>14.2f}")
+    print(f"\n{'images':<36}{args.n:>14}")
+    print(f"{'image size (px)':<36}{args.image_size:>14}")
+    print(f"{'workers':<36}{args.workers:>14}")
+    print(f"{'wall time (s)':<36}{write['wall_s']:>14.1f}")
+    print(f"{'images/s':<36}{write['images_per_s']:>14.1f}")
+    print(f"{'file size (GB)':<36}{write['file_gb']:>14.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
