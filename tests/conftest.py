@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import csv
+import io
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+
+from cnn import CNNModel, checkpoint_metadata, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared sits beside a developer's checkout and CI's clone; a user's clone has none.
@@ -59,3 +65,37 @@ def assert_one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
     assert last.startswith("error: ") and err.count("error: ") == 1, err
     for word in words:
         assert word in last, err
+
+
+def save_model_checkpoint(path: Path, model: CNNModel, val_acc: float = 0.0) -> Path:
+    """Save ``model`` in this project's checkpoint format, as if cnn.py had trained it for one epoch."""
+    payload = {
+        "epoch": 1,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": {},
+        "train_history": {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []},
+        "final_val_loss": 0.0,
+        "final_val_acc": val_acc,
+        **checkpoint_metadata(model.image_size),
+    }
+    save_checkpoint(payload, path)
+    return path
+
+
+def biased_checkpoint(path: Path, bias: tuple[float, ...], val_acc: float = 0.0) -> Path:
+    """A seeded 32 px model whose last-layer bias sets its confidences (they hardly depend on the image)."""
+    torch.manual_seed(0)
+    model = CNNModel(image_size=32)
+    with torch.no_grad():
+        model.classifier[-1].bias.copy_(torch.tensor(bias))
+    return save_model_checkpoint(path, model, val_acc)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: tiny on disk, enormous if decoded."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
+    return bytes(data)

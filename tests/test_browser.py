@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
+from conftest import biased_checkpoint
 
-from cnn import CNNModel, checkpoint_metadata, save_checkpoint
 from load_data import CLASS_NAMES
 from main import create_app
 
@@ -51,20 +50,8 @@ def free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live uvicorn server on a free loopback port, serving a tiny 32 px checkpoint."""
     models = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = CNNModel(image_size=32)
-    with torch.no_grad():  # a spread of confidences, so the bars have something to show
-        model.classifier[-1].bias.copy_(torch.tensor([0.2, 0.9, 2.4, 1.6, -0.5, 0.6, 0.3, 1.1, -0.2, 0.8]))
-    payload = {
-        "epoch": 1,
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": {},
-        "train_history": {},
-        "final_val_loss": 0.0,
-        "final_val_acc": 0.0,
-        **checkpoint_metadata(32),
-    }
-    save_checkpoint(payload, models / f"{MODEL}.pth")
+    # A spread of confidences, so the bars have something to show.
+    biased_checkpoint(models / f"{MODEL}.pth", (0.2, 0.9, 2.4, 1.6, -0.5, 0.6, 0.3, 1.1, -0.2, 0.8))
     port = free_port()
     config = uvicorn.Config(create_app(models), host="127.0.0.1", port=port, log_level="warning")
     live = uvicorn.Server(config)

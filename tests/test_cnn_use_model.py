@@ -6,22 +6,20 @@ import io
 import json
 import os
 import threading
-import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import bomb_png, save_model_checkpoint
 from PIL import Image
 
 import cnn_use_model as cum
 from cnn import (
     CNNModel,
-    checkpoint_metadata,
     image_to_tensor,
     model_from_checkpoint,
-    save_checkpoint,
     to_model_input,
 )
 from load_data import CLASS_NAMES, Galaxy10Error, run_cli
@@ -43,13 +41,7 @@ def write_checkpoint(path: Path, seed: int = 0, size: int = SIZE, centred: bool 
         scale = 3.0 / (logits - mean).std()
         model.classifier[-1].weight.mul_(scale)
         model.classifier[-1].bias.copy_(-mean * scale)
-    payload = {
-        "epoch": 1, "model_state_dict": model.state_dict(), "optimizer_state_dict": {},
-        "train_history": {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []},
-        "final_val_loss": 0.0, "final_val_acc": 0.0, **checkpoint_metadata(size),
-    }
-    save_checkpoint(payload, path)
-    return path
+    return save_model_checkpoint(path, model)
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +189,6 @@ def test_bad_arrays_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(cum.ImageError, match="not found"):
         cum.open_image(tmp_path / "missing.png")
     assert issubclass(cum.ImageError, Galaxy10Error)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header claims width x height: tiny on disk, enormous if decoded."""
-    data = bytearray(png_bytes(Image.new("L", (1, 1))))
-    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
-    return bytes(data)
 
 
 def test_decompression_bomb_is_refused_from_the_header() -> None:

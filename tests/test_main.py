@@ -6,23 +6,21 @@ import base64
 import hashlib
 import io
 import re
-import struct
 import tempfile
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import biased_checkpoint, bomb_png
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.responses import PlainTextResponse
 
 import main
-from cnn import CNNModel, checkpoint_metadata, save_checkpoint
 from cnn_use_model import predict
 from load_data import CLASS_NAMES, run_cli
 from main import UploadLimitMiddleware, create_app
@@ -36,29 +34,11 @@ CIGAR_BIAS = tuple(8.0 if i == 4 else 0.0 for i in range(10))  # certain of clas
 MAX_UPLOAD_MB = 1
 
 
-def write_checkpoint(path: Path, bias: tuple[float, ...], val_acc: float = 0.5) -> Path:
-    torch.manual_seed(0)
-    model = CNNModel(image_size=32)
-    with torch.no_grad():
-        model.classifier[-1].bias.copy_(torch.tensor(bias))
-    payload = {
-        "epoch": 1,
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": {},
-        "train_history": {},
-        "final_val_loss": 0.0,
-        "final_val_acc": val_acc,
-        **checkpoint_metadata(32),
-    }
-    save_checkpoint(payload, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    write_checkpoint(folder / f"{BALANCED}.pth", SPREAD_BIAS, val_acc=0.62)
-    write_checkpoint(folder / f"{PLAIN}.pth", CIGAR_BIAS)
+    biased_checkpoint(folder / f"{BALANCED}.pth", SPREAD_BIAS, val_acc=0.62)
+    biased_checkpoint(folder / f"{PLAIN}.pth", CIGAR_BIAS)
     (folder / "notes.pth").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pth")
     return folder
@@ -83,17 +63,6 @@ def galaxy_png() -> bytes:
     blob = np.exp(-(((xx - 32) / 12.0) ** 2 + ((yy - 32) / 6.0) ** 2))
     rgb = (np.stack([blob, blob * 0.9, blob * 0.7], axis=-1) * 255).astype(np.uint8)
     return png_bytes(Image.fromarray(rgb))
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header declares width x height pixels: a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b""
-    )
 
 
 def meter_bars(html: str) -> list[tuple[str, float, str]]:
@@ -252,8 +221,8 @@ def test_openapi_docs(client: TestClient) -> None:
 
 
 def test_default_model_order(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "a_first_by_name.pth", SPREAD_BIAS)
-    write_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)
+    biased_checkpoint(tmp_path / "a_first_by_name.pth", SPREAD_BIAS)
+    biased_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)
     with TestClient(create_app(tmp_path)) as preferred:
         assert preferred.get("/api/models").json()["default"] == BALANCED
     with TestClient(create_app(tmp_path, default_model="a_first_by_name")) as chosen:
@@ -263,7 +232,7 @@ def test_default_model_order(tmp_path: Path) -> None:
 def test_a_model_trained_while_serving_appears(tmp_path: Path) -> None:
     with TestClient(create_app(tmp_path)) as live:
         assert live.get("/healthz").json()["models"] == 0
-        write_checkpoint(tmp_path / "fresh.pth", SPREAD_BIAS)
+        biased_checkpoint(tmp_path / "fresh.pth", SPREAD_BIAS)
         assert live.get("/healthz").json()["models"] == 1
         assert '<option value="fresh" selected>' in live.get("/").text
 
@@ -415,7 +384,7 @@ def test_unknown_model_gets_404(
 def test_a_path_to_a_real_checkpoint_elsewhere_is_refused(
     client: TestClient, galaxy_png: bytes, tmp_path: Path
 ) -> None:
-    outside = write_checkpoint(tmp_path / "outside.pth", CIGAR_BIAS)
+    outside = biased_checkpoint(tmp_path / "outside.pth", CIGAR_BIAS)
     for name in (str(outside), str(outside.with_suffix(""))):
         response = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": name})
         assert response.status_code == 404

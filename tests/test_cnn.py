@@ -1,0 +1,395 @@
+"""cnn.py: the model, the training loop's guarantees, the augmentation, the report and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnn
+from load_data import CLASS_NAMES, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = ((220, 40, 40), (40, 40, 220), (40, 200, 40))
+CHECKPOINT_KEYS = {
+    "epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc",
+    "architecture", "image_size", "num_classes", "class_names", "preprocessing", "config", "best_epoch",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """32 px batches gain nothing from threads, and OpenMP threads crawl on a CPU other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_folders(root: Path, classes: tuple[str, ...] = ("0", "1"), per_class: int = 4, seed: int = 0
+                 ) -> Path:
+    """root/<class>/img_i.png: noisy 32 px squares, one clearly different colour per class."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.array(COLOURS[label % len(COLOURS)]) + rng.normal(0, 25, (32, 32, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_folders(root / "train", per_class=4, seed=0)
+    make_folders(root / "val", per_class=2, seed=1)
+    return root
+
+
+def tiny_args(data: Path, model_path: Path, *extra: str) -> list[str]:
+    return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
+            "--model-path", str(model_path), "--image-size", "32", "--batch-size", "4", "--epochs", "2",
+            "--num-classes", "2", "--workers", "1", "--min-delta", "0", *extra]
+
+
+def train(args: list[str]) -> int:
+    return run_cli(cnn.main, args)
+
+
+@pytest.fixture(scope="module")
+def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-epoch run; several tests compare against it."""
+    model_path = tmp_path_factory.mktemp("run") / "model.pth"
+    assert train(tiny_args(data, model_path)) == 0
+    return model_path
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fake_evaluate(losses: list[float]) -> tuple:
+    """An `evaluate` returning the given val losses, one per epoch, keeping the weights it saw."""
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(model, cache, criterion, batch_size):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return losses[len(snapshots) - 1], 0.5
+
+    return evaluate, snapshots
+
+
+# ---------------------------------------------------------------- model and command line
+
+
+def test_model_has_the_original_size_and_takes_other_sizes() -> None:
+    assert sum(p.numel() for p in cnn.CNNModel().parameters()) == 76_091_946
+    for size in (32, 64, 96):
+        assert cnn.CNNModel(10, size).eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cnn.CNNModel(10, 48)
+
+
+def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cnn.main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--train-dir", "--val-dir", "--model-path", "--image-size", "--batch-size", "--epochs",
+                 "--lr", "--patience", "--min-delta", "--seed", "--device", "--workers", "--resume",
+                 "--compile", "--evaluate"):
+        assert flag in out
+    for default in ("balanced_data/train", "balanced_data/val", "based_on_balanced_data_model.pth",
+                    "(default: 256)", "(default: 32)", "(default: 100)", "(default: 0.001)", "(default: 10)",
+                    "(default: 0.0001)", "(default: 42)", "(default: auto)"):
+        assert default in out
+    assert out.count("(default:") == len(cnn.FLAGS)
+
+
+def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", "import cnn"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path) -> None:
+    make_folders(tmp_path / "ids", classes=("1", "0"), per_class=1)
+    scan = cnn.scan_image_folder(tmp_path / "ids")
+    assert scan.classes == ["0", "1"] and scan.labels == [0, 1]
+    assert cnn.class_names_for(scan.classes) == list(CLASS_NAMES[:2])
+    assert cnn.class_names_for(["9", "10", "2"]) == ["9", "10", "2"]
+    assert cnn.class_names_for(["spiral", "round"]) == ["spiral", "round"]
+
+
+# ---------------------------------------------------------------- a training run's outputs
+
+
+def test_a_run_writes_a_safe_checkpoint_and_its_reports(trained: Path) -> None:
+    checkpoint = load(trained)
+    assert checkpoint.keys() >= CHECKPOINT_KEYS
+    history = checkpoint["train_history"]
+    assert set(history) == {"train_loss", "train_acc", "val_loss", "val_acc", "lr"}
+    assert all(len(values) == 2 for values in history.values())
+    best = checkpoint["best_epoch"]
+    assert checkpoint["epoch"] == best and history["val_loss"][best - 1] == min(history["val_loss"])
+    assert checkpoint["final_val_loss"] == history["val_loss"][best - 1]
+    assert checkpoint["class_names"] == list(CLASS_NAMES[:2]) and checkpoint["image_size"] == 32
+    assert checkpoint["config"]["batch_size"] == 4 and checkpoint["config"]["seed"] == 42
+    assert cnn.model_from_checkpoint(cnn.load_checkpoint(trained))(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert json.loads(cnn.output_path(trained, "history.json").read_text()) == history
+    for kind in ("curves.png", "confusion.png"):
+        with Image.open(cnn.output_path(trained, kind)) as image:
+            assert image.format == "PNG"
+    report = json.loads(cnn.output_path(trained, "report.json").read_text())
+    assert report["epoch"] == best and report["n_samples"] == 4
+    assert sum(map(sum, report["confusion_matrix"])) == 4
+    assert not cnn.resume_path(trained).exists()  # a finished run has nothing to resume
+
+
+def test_the_same_seed_repeats_the_run(data: Path, trained: Path, tmp_path: Path) -> None:
+    assert train(tiny_args(data, tmp_path / "again.pth")) == 0
+    first, again = load(trained), load(tmp_path / "again.pth")
+    assert first["train_history"] == again["train_history"]
+    assert same_weights(first["model_state_dict"], again["model_state_dict"])
+    assert train(tiny_args(data, tmp_path / "other.pth", "--seed", "7", "--epochs", "1")) == 0
+    assert not same_weights(first["model_state_dict"], load(tmp_path / "other.pth")["model_state_dict"])
+
+
+def test_evaluate_flag_reports_on_an_existing_checkpoint(data: Path, trained: Path, tmp_path: Path) -> None:
+    model_path = tmp_path / "copy.pth"
+    model_path.write_bytes(trained.read_bytes())
+    # --image-size is ignored: the checkpoint's own size (32) is used.
+    args = ["--evaluate", "--model-path", str(model_path), "--val-dir", str(data / "val"),
+            "--image-size", "64"]
+    assert train(args) == 0
+    report = json.loads(cnn.output_path(model_path, "report.json").read_text())
+    trained_report = json.loads(cnn.output_path(trained, "report.json").read_text())
+    assert report["accuracy"] == trained_report["accuracy"]
+    assert report["confusion_matrix"] == trained_report["confusion_matrix"]
+    assert cnn.output_path(model_path, "confusion.png").is_file()
+
+
+# ---------------------------------------------------------------- best epoch, early stopping, resume
+
+
+def test_the_best_epoch_is_kept_not_the_last(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluate, snapshots = fake_evaluate([1.0, 0.5, 0.8])
+    monkeypatch.setattr(cnn, "evaluate", evaluate)
+    assert train(tiny_args(data, tmp_path / "m.pth", "--epochs", "3")) == 0
+    checkpoint = load(tmp_path / "m.pth")
+    assert (checkpoint["best_epoch"], checkpoint["epoch"], checkpoint["final_val_loss"]) == (2, 2, 0.5)
+    assert checkpoint["train_history"]["val_loss"] == [1.0, 0.5, 0.8]
+    assert same_weights(checkpoint["model_state_dict"], snapshots[1])
+    assert not same_weights(checkpoint["model_state_dict"], snapshots[2])
+
+
+def test_early_stopping_fires_after_patience(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluate, _ = fake_evaluate([1.0, 0.99995, 1.2, 0.5])  # 0.99995 is within min_delta: no gain
+    monkeypatch.setattr(cnn, "evaluate", evaluate)
+    args = tiny_args(data, tmp_path / "m.pth", "--epochs", "10", "--patience", "2", "--min-delta", "0.0001")
+    assert train(args) == 0
+    assert load(tmp_path / "m.pth")["train_history"]["val_loss"] == [1.0, 0.99995, 1.2]
+    assert "early stopping" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(
+    data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model_path = tmp_path / "m.pth"
+    real_train_one_epoch = cnn.train_one_epoch
+
+    def interrupted_in_epoch_2(run, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_train_one_epoch(run, epoch)
+
+    monkeypatch.setattr(cnn, "train_one_epoch", interrupted_in_epoch_2)
+    assert train(tiny_args(data, model_path)) == 130
+    assert f"--model-path {model_path}" in capsys.readouterr().err
+    state = load(cnn.resume_path(model_path))
+    assert state["epoch"] == 1 and len(state["train_history"]["val_loss"]) == 1
+    assert {"scheduler_state_dict", "early_stopping", "rng"} <= state.keys()
+
+    monkeypatch.undo()
+    assert train([*tiny_args(data, model_path), "--resume"]) == 0
+    resumed, uninterrupted = load(model_path), load(trained)
+    assert resumed["train_history"] == uninterrupted["train_history"]
+    assert same_weights(resumed["model_state_dict"], uninterrupted["model_state_dict"])
+    assert not cnn.resume_path(model_path).exists()
+
+
+def test_resume_without_a_resume_file_is_a_one_line_error(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train([*tiny_args(data, tmp_path / "m.pth"), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_tree(case: str, root: Path) -> Path:
+    """A data folder with one defect; returns the folder holding train/ and val/."""
+    if case != "missing train folder":
+        make_folders(root / "train", per_class=1)
+    make_folders(root / "val", classes=("0", "2") if case == "different classes" else ("0", "1"), per_class=1)
+    if case == "no class folders":
+        for path in sorted((root / "train").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+    elif case == "train class folder without images":
+        (root / "train" / "1" / "img_0.png").rename(root / "train" / "1" / "notes.txt")
+    elif case == "val without images":
+        for path in (root / "val").rglob("*.png"):
+            path.unlink()
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing train folder", "is not a folder"),
+    ("no class folders", "has no class folders"),
+    ("train class folder without images", "could never learn"),
+    ("val without images", "hold no images"),
+    ("different classes", "same class folders"),
+])
+def test_bad_folders_exit_2_with_one_line(
+    case: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = bad_tree(case, tmp_path)
+    assert train(tiny_args(root, tmp_path / "m.pth")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--image-size", "48"), ("--batch-size", "0"), ("--lr", "-1")])
+def test_bad_settings_exit_2_with_one_line(
+    flag: str, value: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tiny_args(data, tmp_path / "m.pth", flag, value)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err
+
+
+def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_folders(tmp_path / "train", per_class=2)
+    make_folders(tmp_path / "val", per_class=1)
+    (tmp_path / "train" / "1" / "img_1.png").write_bytes(b"not a png")
+    assert train(tiny_args(tmp_path, tmp_path / "m.pth")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot read image") and "img_1.png" in err
+
+
+def test_a_nan_loss_stops_the_run_with_one_line(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cnn, "augment_batch", lambda x, generator: x * math.nan)
+    assert train(tiny_args(data, tmp_path / "m.pth")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the training loss became nan in epoch 1") and "--lr" in last
+    assert not (tmp_path / "m.pth").exists()
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augment_batch_keeps_shape_and_range_and_changes_images() -> None:
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = cnn.augment_batch(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, x, atol=0.05)
+
+
+def test_augment_batch_flip_with_p_1_is_a_mirror_image() -> None:
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    still = {"degrees": 0, "translate": 0, "perspective_p": 0, "brightness": 0, "contrast": 0}
+    flipped = cnn.augment_batch(x, torch.Generator().manual_seed(1), flip_p=1.0, **still)
+    torch.testing.assert_close(flipped, torch.flip(x, dims=[3]), atol=1e-5, rtol=0)
+    unchanged = cnn.augment_batch(x, torch.Generator(), flip_p=0.0, **still)
+    torch.testing.assert_close(unchanged, x, atol=1e-5, rtol=0)
+
+
+def test_augment_batch_is_deterministic_for_a_generator_seed() -> None:
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = cnn.augment_batch(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, cnn.augment_batch(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, cnn.augment_batch(x, torch.Generator().manual_seed(6)))
+
+
+def test_perspective_with_p_1_moves_the_corners_inward() -> None:
+    warps = cnn.perspective_warps(64, torch.Generator().manual_seed(0), torch.device("cpu"), 0.2, 1.0)
+    corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
+    mapped = corners @ warps.transpose(1, 2)
+    mapped = mapped[..., :2] / mapped[..., 2:]
+    # Output corners sample from outside the source image, so they come out black like torchvision's.
+    assert (mapped.abs().amax(-1) >= 1 - 1e-5).all() and (mapped.abs() <= 1.5).all()
+    assert torch.allclose(cnn.perspective_warps(4, torch.Generator(), torch.device("cpu"), 0.2, 0.0),
+                          torch.eye(3).expand(4, 3, 3), atol=1e-6)
+
+
+# ---------------------------------------------------------------- evaluation report
+
+
+def test_evaluation_report_matches_a_hand_computed_case() -> None:
+    y_true = np.array([0, 0, 1, 1, 2, 2, 0])
+    y_prob = np.array([
+        [0.90, 0.05, 0.05],  # right, confidence 0.90 (bin 14 of 15)
+        [0.20, 0.70, 0.10],  # wrong, 0.70 (bin 11)
+        [0.10, 0.85, 0.05],  # right, 0.85 (bin 13)
+        [0.55, 0.40, 0.05],  # wrong, 0.55 (bin 9)
+        [0.18, 0.20, 0.62],  # right, 0.62 (bin 10)
+        [0.05, 0.07, 0.88],  # right, 0.88 (bin 14)
+        [0.04, 0.91, 0.05],  # wrong, 0.91 (bin 14)
+    ])
+    report = cnn.evaluation_report(y_true, y_prob, ["a", "b", "c"])
+    assert report["n_samples"] == 7
+    assert report["accuracy"] == pytest.approx(4 / 7)
+    assert report["confusion_matrix"] == [[1, 2, 0], [1, 1, 0], [0, 0, 2]]
+    per_class = report["per_class"]
+    assert [c["class_name"] for c in per_class] == ["a", "b", "c"]
+    assert [c["support"] for c in per_class] == [3, 2, 2]
+    assert [c["precision"] for c in per_class] == pytest.approx([1 / 2, 1 / 3, 1])
+    assert [c["recall"] for c in per_class] == pytest.approx([1 / 3, 1 / 2, 1])
+    assert [c["f1"] for c in per_class] == pytest.approx([0.4, 0.4, 1])
+    assert report["macro_f1"] == pytest.approx(0.6)
+    # Bin 14 holds 0.90, 0.88 (right) and 0.91 (wrong): |2 - 2.69|; the others are alone in their bins.
+    assert report["ece"] == pytest.approx((0.69 + 0.70 + 0.15 + 0.55 + 0.38) / 7)
+    json.dumps(report)  # plain values only
+
+
+# ---------------------------------------------------------------- end to end on the built-in sample
+
+
+def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
+    sample_data = pytest.importorskip("sample_data")
+    balancing = pytest.importorskip("preprocess_and_balancing")
+    h5 = sample_data.write_sample(tmp_path / "s.h5", n=100, seed=0, image_size=32, workers=1, progress=False)
+    assert run_cli(balancing.main, ["--h5", str(h5), "--out", str(tmp_path / "bal"), "--workers", "1"]) == 0
+    args = ["--train-dir", str(tmp_path / "bal" / "train"), "--val-dir", str(tmp_path / "bal" / "val"),
+            "--model-path", str(tmp_path / "m.pth"), "--image-size", "32", "--epochs", "1", "--workers", "1"]
+    assert train(args) == 0
+    checkpoint = load(tmp_path / "m.pth")
+    assert checkpoint["class_names"] == list(CLASS_NAMES)
+    assert json.loads(cnn.output_path(tmp_path / "m.pth", "report.json").read_text())["n_samples"] > 0
