@@ -59,7 +59,9 @@ def measure(command: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=4000, help="sample images (default: 4000)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in px (default: 256)")
     parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 1,
@@ -82,7 +84,8 @@ def main() -> None:
     print(f"{'approach':<44}{'seconds':>9}{'images/s':>10}{'peak MB':>9}")
     for name, (seconds, mb) in runs.items():
         print(f"{name:<44}{seconds:>9.1f}{args.n / seconds:>10.0f}{mb:>9.0f}")
-    print(f"speed-up: {original_s / ours_s:.2f}x (target >= 1.7x); peak RSS {ours_mb:.0f} MB (target <= 400 MB)")
+    print(f"speed-up: {original_s / ours_s:.2f}x (target >= 1.7x); "
+          f"peak RSS {ours_mb:.0f} MB (target <= 400 MB)")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "export.json").write_text(json.dumps({
