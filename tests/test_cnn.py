@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, assert_one_line_error
 from PIL import Image
 
 import cnn
 from load_data import CLASS_NAMES, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ((220, 40, 40), (40, 40, 220), (40, 200, 40))
 CHECKPOINT_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc",
@@ -243,7 +243,7 @@ def test_resume_without_a_resume_file_is_a_one_line_error(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert train([*tiny_args(data, tmp_path / "m.pth"), "--resume"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert_one_line_error(capsys, "m.resume.pth", "not found")
 
 
 # ---------------------------------------------------------------- bad input
@@ -287,8 +287,7 @@ def test_bad_settings_exit_2_with_one_line(
     flag: str, value: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert train(tiny_args(data, tmp_path / "m.pth", flag, value)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err
+    assert_one_line_error(capsys, flag)
 
 
 def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -296,9 +295,7 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest
     make_folders(tmp_path / "val", per_class=1)
     (tmp_path / "train" / "1" / "img_1.png").write_bytes(b"not a png")
     assert train(tiny_args(tmp_path, tmp_path / "m.pth")) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: cannot read image") and "img_1.png" in err
+    assert_one_line_error(capsys, "cannot read image", "img_1.png")
 
 
 def test_a_nan_loss_stops_the_run_with_one_line(
@@ -306,8 +303,7 @@ def test_a_nan_loss_stops_the_run_with_one_line(
 ) -> None:
     monkeypatch.setattr(cnn, "augment_batch", lambda x, generator: x * math.nan)
     assert train(tiny_args(data, tmp_path / "m.pth")) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: the training loss became nan in epoch 1") and "--lr" in last
+    assert_one_line_error(capsys, "the training loss became nan in epoch 1", "--lr")
     assert not (tmp_path / "m.pth").exists()
 
 

@@ -1,0 +1,208 @@
+"""Training throughput: cnn.py's tensor-cache pipeline against the original PIL/DataLoader pipeline.
+
+    python benchmarks/bench_train.py                              # 17,736 images at 256 px (GPU sizes)
+    python benchmarks/bench_train.py --n 2000 --image-size 64     # a CPU-sized run
+
+Both train the same DeepCNN-5Block with batch 32 on the same synthetic balanced set of PNG files
+(written to a temporary folder, deleted afterwards), for a fixed number of steps after a warm-up:
+(a) cnn.py: images decoded once into a uint8 cache on the device, batches sliced from it and
+augmented there, bf16 autocast, channels_last, cudnn.benchmark on CUDA; (b) the original:
+torchvision ImageFolder with PIL transforms, DataLoader with 2 workers, fp32.
+Target on one H100: (a) >= 4000 images/s and >= 10x (b). Figures go to stdout and
+benchmarks/results/bench_train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cnn  # noqa: E402
+from load_data import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
+
+
+def write_image(task: tuple[Path, int, int, int]) -> None:
+    """One noisy PNG whose colour and blob size depend on its class, so decoding costs what real ones do."""
+    path, label, index, size = task
+    rng = np.random.default_rng([label, index])
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    blob = np.exp(-(xx**2 + yy**2) / (0.01 + 0.004 * label))
+    colour = np.array([0.5 + 0.05 * label, 0.6, 1.0 - 0.05 * label])
+    pixels = 20 + 200 * blob[..., None] * colour + rng.normal(0, 8, (size, size, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+
+
+def write_balanced_set(root: Path, n: int, image_size: int, workers: int) -> None:
+    """root/<class id>/img_<i>.png, n // 10 images per class."""
+    tasks = []
+    for label in range(len(CLASS_NAMES)):
+        (root / str(label)).mkdir(parents=True)
+        tasks += [(root / str(label) / f"img_{i:05d}.png", label, i, image_size)
+                  for i in range(n // len(CLASS_NAMES))]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for _ in tqdm(pool.map(write_image, tasks, chunksize=64), total=len(tasks), desc="writing PNGs"):
+            pass
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_s(step: Callable[[], None], warmup: int, steps: int, batch_size: int, device: torch.device,
+                 desc: str) -> float:
+    """Steady-state training images/s: `steps` timed steps after `warmup` untimed ones."""
+    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        step()
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def forever(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches epoch after epoch, so any step count works on a small set."""
+    while True:
+        yield from batches()
+
+
+def bench_pipeline(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """(a) cnn.py's path: uint8 cache on the device, device-side augmentation, bf16, channels_last."""
+    device = cnn.select_device(args.device)
+    start = time.perf_counter()
+    cache = cnn.build_cache(cnn.scan_image_folder(root), args.image_size, device, args.workers, "decoding")
+    cache_s = time.perf_counter() - start
+    torch.manual_seed(0)
+    model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device, memory_format=torch.channels_last)
+    forward = torch.compile(model) if args.compile else model
+    forward.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
+    shuffle, augment = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1)
+    batches = forever(lambda: cnn.iterate_batches(cache, args.batch_size, shuffle))
+
+    def step() -> None:
+        cnn.train_step(forward, optimizer, criterion, *next(batches), augment)
+
+    rate = images_per_s(step, args.warmup, args.steps, args.batch_size, device, "cnn.py pipeline")
+    return {"images_per_s": rate, "cache_build_s": cache_s, "cache_mb": cache.images.nbytes / 2**20,
+            "cache_device": cache.images.device.type}
+
+
+def original_transform(image_size: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.RandomHorizontalFlip(0.5),
+        transforms.RandomRotation(15),
+        transforms.ColorJitter(brightness=0.2, contrast=0.2),
+        transforms.RandomAffine(degrees=0, translate=(0.1, 0.1)),
+        transforms.RandomPerspective(distortion_scale=0.2, p=0.3),
+        transforms.ToTensor(),
+    ])
+
+
+def bench_original(root: Path, args: argparse.Namespace) -> float:
+    """(b) the original: ImageFolder + PIL transforms, DataLoader(2 workers, pinned), fp32, default cuDNN."""
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dataset = datasets.ImageFolder(str(root), transform=original_transform(args.image_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
+                                         pin_memory=device.type == "cuda", persistent_workers=True)
+    torch.manual_seed(0)
+    model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
+    batches = forever(lambda: iter(loader))
+
+    def step() -> None:
+        images, labels = next(batches)
+        images, labels = images.to(device), labels.to(device)
+        loss = criterion(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cnn.MAX_GRAD_NORM)
+        optimizer.step()
+
+    return images_per_s(step, args.warmup, args.steps, args.batch_size, device, "original pipeline")
+
+
+def device_name(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    cpus = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=17736, help="images in the synthetic set (default: 17736)")
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps (default: 100)")
+    parser.add_argument("--device", choices=cnn.DEVICES, default="auto",
+                        help="auto picks cuda when available (default: auto)")
+    parser.add_argument("--workers", type=int, default=cpus,
+                        help=f"processes writing, threads decoding the PNGs (default: the CPU count, {cpus})")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model in (a) (default: off)")
+    args = parser.parse_args(argv)
+    if args.n < len(CLASS_NAMES) or args.image_size % 32 or args.steps < 1:
+        raise Galaxy10Error("--n must be >= 10, --image-size a multiple of 32 and --steps >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as folder:
+        root = Path(folder) / "train"
+        write_balanced_set(root, args.n, args.image_size, args.workers)
+        original = bench_original(root, args)
+        pipeline = bench_pipeline(root, args)
+    result = {
+        "device": device_name(args.device), "n": args.n, "image_size": args.image_size,
+        "batch_size": args.batch_size, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "compile": args.compile, "torch": torch.__version__,
+        "pipeline": pipeline, "original_images_per_s": original,
+        "speedup": pipeline["images_per_s"] / original,
+    }
+    rows = [
+        ("device", result["device"]),
+        ("images x size", f"{args.n} x {args.image_size} px"),
+        ("batch, timed steps", f"{args.batch_size}, {args.steps} (after {args.warmup})"),
+        ("(a) cache build (s)", f"{pipeline['cache_build_s']:.1f}"),
+        ("(a) cache", f"{pipeline['cache_mb']:.0f} MB on {pipeline['cache_device']}"),
+        ("(a) cnn.py images/s", f"{pipeline['images_per_s']:.1f}"),
+        ("(b) original images/s", f"{original:.1f}"),
+        ("speedup (a)/(b)", f"{result['speedup']:.2f}x"),
+    ]
+    print()
+    for name, value in rows:
+        print(f"{name:<24}{value:>40}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
