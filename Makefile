@@ -1,4 +1,6 @@
 # Two commands from a fresh clone: `make demo` and `make test`. Each sets up .venv itself.
+# `make -f path/to/Makefile -C somewhere pipeline` runs the demo's steps with outputs in `somewhere`.
+ROOT   := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 PYTHON ?= python3
 VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
@@ -7,7 +9,7 @@ PY     ?= $(VENV)/bin/python
 H5           ?= Galaxy10_DECals.h5
 SAMPLE       ?= galaxy10_sample.h5
 SAMPLE_N     ?= 2000
-CPU_PROFILE  ?= --image-size 64 --epochs 8 --patience 3
+CPU_PROFILE  ?= --image-size 64 --epochs 7 --patience 3
 HOST         ?= 127.0.0.1
 PORT         ?= 8000
 
@@ -36,15 +38,15 @@ demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> trai
 pipeline:  ## the demo's data and training steps, without the web page
 	@set -e; \
 	if [ -f "$(H5)" ]; then h5="$(H5)"; echo "using $(H5)"; \
-	else h5="$(SAMPLE)"; $(PY) sample_data.py --out "$$h5" --n $(SAMPLE_N); fi; \
-	$(PY) load_data.py --h5 "$$h5" --out data --force; \
-	$(PY) preprocess_and_balancing.py --h5 "$$h5" --out balanced_data --force; \
+	else h5="$(SAMPLE)"; $(PY) $(ROOT)sample_data.py --out "$$h5" --n $(SAMPLE_N); fi; \
+	$(PY) $(ROOT)load_data.py --h5 "$$h5" --out data --force; \
+	$(PY) $(ROOT)preprocess_and_balancing.py --h5 "$$h5" --out balanced_data --force; \
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then profile=""; \
 	else profile="$(CPU_PROFILE)"; echo "no GPU: training the CPU profile ($(CPU_PROFILE))"; fi; \
-	$(PY) cnn.py $$profile
+	$(PY) $(ROOT)cnn.py $$profile
 
 serve:  ## start the upload page on http://$(HOST):$(PORT)
-	$(PY) main.py --host $(HOST) --port $(PORT)
+	$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT)
 
 test: $(DEV)  ## lint, then the whole test suite
 	$(VENV)/bin/ruff check .
