@@ -209,7 +209,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise Galaxy10Error(f"checkpoint {path} not found: train one with `python cnn.py`")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: reading the metadata of a 913 MB checkpoint does not read its optimizer state.
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for foreign or damaged files
         raise Galaxy10Error(
             f"{path} is not a checkpoint of this project ({type(err).__name__}); "

@@ -368,18 +368,10 @@ def iter_predictions(
 
 
 def predict_batch(
-    sources: Iterable[Source],
-    model_path: str | os.PathLike[str] = DEFAULT_MODEL,
-    *,
-    tta: bool = False,
-    batch_size: int = 16,
-    top_k: int | None = None,
-    exact: bool = False,
+    sources: Iterable[Source], model_path: str | os.PathLike[str] = DEFAULT_MODEL, **options: Any
 ) -> list[Prediction | ImageError]:
-    """Classify many images for throughput (decoding overlaps the model); see iter_predictions."""
-    return list(
-        iter_predictions(sources, model_path, tta=tta, batch_size=batch_size, top_k=top_k, exact=exact)
-    )
+    """Classify many images for throughput (decoding overlaps the model); options as iter_predictions."""
+    return list(iter_predictions(sources, model_path, **options))
 
 
 def _decoded_batches(
