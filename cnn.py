@@ -203,14 +203,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> No
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Load one of this project's checkpoints safely (no arbitrary unpickling)."""
     path = Path(path)
     if not path.is_file():
         raise Galaxy10Error(f"checkpoint {path} not found: train one with `python cnn.py`")
     try:
-        # mmap: reading the metadata of a 913 MB checkpoint does not read its optimizer state.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for foreign or damaged files
         raise Galaxy10Error(
             f"{path} is not a checkpoint of this project ({type(err).__name__}); "

@@ -190,7 +190,8 @@ class ModelRegistry:
         if cached is not None and cached[0] == key:
             return cached
         try:
-            checkpoint = load_checkpoint(path)
+            # Memory-mapped: listing a 913 MB checkpoint reads its metadata, not its optimizer state.
+            checkpoint = load_checkpoint(path, mmap=True)
         except Galaxy10Error as err:
             log.warning("ignoring %s: %s", path.name, err)
             return key, None
