@@ -249,8 +249,11 @@ def output_path(model_path: str | os.PathLike[str], kind: str) -> Path:
     return Path(model_path).with_suffix(f".{kind}")
 
 
+RESUME_KIND = "resume.pth"
+
+
 def resume_path(model_path: str | os.PathLike[str]) -> Path:
-    return output_path(model_path, "resume.pth")
+    return output_path(model_path, RESUME_KIND)
 
 
 def to_cpu(obj: Any) -> Any:

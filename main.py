@@ -38,7 +38,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cnn import load_checkpoint, to_rgb8
+from cnn import RESUME_KIND, load_checkpoint, to_rgb8
 from cnn_use_model import (
     ImageError,
     ImageTooLargeError,
@@ -148,6 +148,11 @@ class ModelInfo:
     epoch: int | None
 
 
+def is_resume_file(path: Path) -> bool:
+    """cnn.py's resume state (the last epoch of a run in progress), not a model to serve."""
+    return path.name.endswith(f".{RESUME_KIND}")
+
+
 class ModelRegistry:
     """The checkpoints of this project in one folder, by name (the file stem).
 
@@ -165,7 +170,7 @@ class ModelRegistry:
     def models(self) -> list[ModelInfo]:
         """The available models, the default one first, then by name."""
         with self._lock:
-            paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file())
+            paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file() and not is_resume_file(p))
             self._seen = {path: self._inspect(path) for path in paths}
         found = [info for _, info in self._seen.values() if info is not None]
         return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))

@@ -235,6 +235,9 @@ def test_a_model_trained_while_serving_appears(tmp_path: Path) -> None:
         biased_checkpoint(tmp_path / "fresh.pth", SPREAD_BIAS)
         assert live.get("/healthz").json()["models"] == 1
         assert '<option value="fresh" selected>' in live.get("/").text
+        # cnn.py's per-epoch resume file is the last epoch, not a finished model: never offered.
+        biased_checkpoint(tmp_path / "fresh.resume.pth", SPREAD_BIAS)
+        assert [m["name"] for m in live.get("/api/models").json()["models"]] == ["fresh"]
 
 
 # ---------------------------------------------------------------- bad input
