@@ -199,7 +199,7 @@ def test_verify_compares_the_official_checksum(h5: Path, tmp_path: Path, capsys)
 
 
 def test_import_has_no_side_effects_and_help_works(tmp_path: Path) -> None:
-    code = "import load_data, preprocess_and_balancing"
+    code = "import sample_data, load_data, preprocess_and_balancing, cnn, cnn_use_model, main"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
