@@ -25,7 +25,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from torch import nn
 from torchsummary import summary
 from tqdm import tqdm
 
-from load_data import CLASS_NAMES, Galaxy10Error, run_cli
+from load_data import CLASS_NAMES, Galaxy10Error, atomic_path, run_cli
 
 ARCHITECTURE = "DeepCNN-5Block"
 # How an image becomes model input; stored in every checkpoint so inference never guesses.
@@ -48,7 +48,7 @@ CHANNELS = (32, 64, 128, 256, 512)
 HIDDEN = (2048, 512, 128, 32)
 DROPOUT = (0.4, 0.3, 0.2, 0.1)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 LABEL_SMOOTHING = 0.1
 MAX_GRAD_NORM = 1.0
 LR_FACTOR, LR_PATIENCE, MIN_LR = 0.5, 2, 1e-7
@@ -187,20 +187,10 @@ def to_model_input(batch: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- checkpoints and output files
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Write through a temporary name, then rename: a crash never leaves a truncated file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a checkpoint atomically."""
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(
@@ -931,7 +921,8 @@ def evaluation_report(y_true: np.ndarray, y_prob: np.ndarray, class_names: Seque
 
 
 def write_json(data: Any, path: Path) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_history(history: dict[str, list[float]], model_path: str | os.PathLike[str]) -> None:
@@ -939,7 +930,8 @@ def write_history(history: dict[str, list[float]], model_path: str | os.PathLike
 
 
 def save_figure(figure: Any, path: Path) -> None:
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def write_curves(

@@ -38,13 +38,19 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from cnn import image_to_tensor, load_checkpoint, model_from_checkpoint, to_model_input, to_rgb8
-from load_data import Galaxy10Error, run_cli
+from cnn import (
+    IMAGE_EXTENSIONS,
+    image_to_tensor,
+    load_checkpoint,
+    model_from_checkpoint,
+    to_model_input,
+    to_rgb8,
+)
+from load_data import Galaxy10Error, atomic_path, run_cli
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
 # 40 megapixels is a 6,300 px square, far beyond any survey cutout; the decoded RGB is 120 MB.
 MAX_PIXELS = 40_000_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 H5_SUFFIXES = (".h5", ".hdf5")
 H5_CHUNK_ROWS = 64
 # bfloat16 moved logits by 0.4% (median) to 1.1% (max) of an image's logit range (max - min) over 420
@@ -503,9 +509,9 @@ def find_inputs(paths: Sequence[str]) -> Inputs:
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             if not found:
-                inputs.problems.append(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                inputs.problems.append(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             inputs.names += [str(p) for p in found]
             inputs.sources += found
         elif path.suffix.lower() in H5_SUFFIXES and path.is_file():
@@ -642,13 +648,8 @@ def atomic_csv(path: Path | None) -> Iterator[Any]:
     if path is None:
         yield None
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", newline="") as file:
-            yield csv.writer(file)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as file:
+        yield csv.writer(file)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,19 @@ def split_rows(labels: np.ndarray, val_size: float = 0.2, seed: int = 42) -> np.
 
 
 @contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write; renamed onto ``path`` only if the block succeeds,
+    so a crash never leaves a truncated file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yield a hidden folder beside ``out`` to write into; it becomes ``out`` only on success."""
     out = Path(out)

@@ -17,7 +17,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from load_data import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, run_cli
+from load_data import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, atomic_path, run_cli
 
 MIN_PER_CLASS = 2
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
@@ -419,7 +418,7 @@ def write_sample(path: str | os.PathLike[str], n: int = 2000, seed: int = 0, ima
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_request(path, n, seed, image_size, workers)
     labels, meta = sample_labels_and_metadata(n, seed)
-    with _atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset("images", (n, image_size, image_size, 3), dtype=np.uint8,
                                   chunks=(1, image_size, image_size, 3))
         f.create_dataset("ans", data=labels)
@@ -454,17 +453,6 @@ def _check_output_path(path: Path) -> None:
         raise Galaxy10Error(f"{path} is a folder: give a file name, e.g. {path / 'galaxy10_sample.h5'}")
     if not path.parent.is_dir():
         raise Galaxy10Error(f"folder {path.parent} does not exist: create it or choose another path")
-
-
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path``, renamed onto it only if the block finishes without error."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _render_blocks(labels: np.ndarray, seed: int, image_size: int,
@@ -505,7 +493,7 @@ def write_preview(h5_path: str | os.PathLike[str], png_path: str | os.PathLike[s
             for col, image in enumerate(f["images"][rows]):
                 thumb = Image.fromarray(image).resize((tile, tile), Image.BILINEAR)
                 sheet.paste(thumb, (label_width + col * tile, label * tile))
-    with _atomic_output(png_path) as tmp:
+    with atomic_path(png_path) as tmp:
         sheet.save(tmp, format="PNG")
     return png_path
 
