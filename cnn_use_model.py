@@ -225,8 +225,9 @@ class InferenceModel:
             logits[doubtful] = self.exact(x[doubtful])
         return logits
 
-    def grad_cam(self, image: torch.Tensor, class_id: int) -> np.ndarray:
-        """Grad-CAM (S, S) in [0, 1] of one uint8 image (3, S, S) for `class_id`, in float32.
+    def grad_cam(self, image: torch.Tensor, class_id: int | None) -> tuple[torch.Tensor, np.ndarray]:
+        """Class probabilities (C,) of one uint8 image (3, S, S) and its Grad-CAM (S, S) in [0, 1] for
+        `class_id` (None: the predicted class), both from one float32 forward pass.
 
         The activation of the last conv block before its max-pool is detached and made the leaf that
         autograd differentiates to, so no hook touches the shared model and threads do not interfere.
@@ -237,14 +238,15 @@ class InferenceModel:
         activation.requires_grad_(True)
         with torch.enable_grad():
             logits = self.classifier(self.features[-1](activation))
-            (gradient,) = torch.autograd.grad(logits[0, class_id], activation)
+            target = int(logits[0].argmax()) if class_id is None else class_id
+            (gradient,) = torch.autograd.grad(logits[0, target], activation)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
         size = (self.image_size, self.image_size)
         cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
         peak = cam.max()
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-        return cam.clamp_(0, 1).float().cpu().numpy()
+        return logits.detach()[0].softmax(dim=0).cpu(), cam.clamp_(0, 1).float().cpu().numpy()
 
 
 def dihedral_views(x: torch.Tensor) -> torch.Tensor:
@@ -418,11 +420,10 @@ def grad_cam(
     predicted class, or for `class_id`: where the last conv block's evidence for that class lies."""
     model = load_model(model_path)
     image = model_input(open_image(source), model.image_size)
-    prediction = Prediction.from_probabilities(model.probabilities(image[None])[0], model, None)
-    target = prediction.class_id if class_id is None else class_id
-    if not 0 <= target < len(model.class_names):
+    if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
-    return prediction, model.grad_cam(image, target)
+    probabilities, heatmap = model.grad_cam(image, class_id)
+    return Prediction.from_probabilities(probabilities, model, None), heatmap
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
