@@ -4,10 +4,11 @@
 
 Measures, in one run on one randomly initialised 256 px checkpoint (304 MB, in a temporary folder):
 (a) the original's per-call path (torch.load, build the model, predict one image; its 1 s sleep is
-reported separately), (b) the plain float32 eager model, warm, (c) `cnn_use_model.predict`, warm,
-(b) and (c) interleaved call by call so that load from other processes hits both alike, and (d) batch
-throughput including PNG decoding. Also checks that `predict` picks the same class as the plain model on
-every sample image. Prints a table and writes JSON to benchmarks/results/.
+reported separately), (b) the plain float32 eager model, warm, (c) `cnn_use_model.predict`, warm, by
+default (bfloat16 where the CPU has it) and with exact=True (float32), (b) and (c) interleaved call by
+call so that load from other processes hits them alike, and (d) batch throughput including PNG decoding.
+Also checks that both modes of `predict` pick the same class as the plain model on every sample image.
+Prints a table and writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -133,23 +134,26 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(3):  # warm-up: oneDNN builds its kernels on the first calls
             plain(single)
             cnn_use_model.predict(single, ckpt)
-            cnn_use_model.predict(single, ckpt, fast=True)
-        times: dict[str, list[float]] = {"plain": [], "predict": [], "predict_fast": []}
+            cnn_use_model.predict(single, ckpt, exact=True)
+        times: dict[str, list[float]] = {"plain": [], "predict": [], "predict_exact": []}
         for i in range(args.calls):
             image = images[i % len(images)]
             times["plain"].append(timed(lambda: plain(image)))  # noqa: B023 (called at once)
             times["predict"].append(timed(lambda: cnn_use_model.predict(image, ckpt)))  # noqa: B023
-            times["predict_fast"].append(timed(lambda: cnn_use_model.predict(image, ckpt, fast=True)))  # noqa: B023
+            times["predict_exact"].append(timed(lambda: cnn_use_model.predict(image, ckpt, exact=True)))  # noqa: B023
         for name, seconds in times.items():
             results[f"{name}_warm"] = summary(seconds)
 
         batch = images[: args.batch_images]
         plain_batch_s = timed(lambda: plain_batch(plain_model, batch, args.batch_size))
         ours_batch_s = timed(lambda: cnn_use_model.predict_batch(batch, ckpt, batch_size=args.batch_size))
+        exact_batch_s = timed(lambda: cnn_use_model.predict_batch(batch, ckpt, batch_size=args.batch_size,
+                                                                  exact=True))
         results["plain_batch_images_per_s"] = len(batch) / plain_batch_s
         results["predict_batch_images_per_s"] = len(batch) / ours_batch_s
-        results["fidelity"] = fidelity(plain_model, ckpt, fast=False)
-        results["fidelity_fast"] = fidelity(plain_model, ckpt, fast=True)
+        results["predict_batch_exact_images_per_s"] = len(batch) / exact_batch_s
+        results["fidelity"] = fidelity(plain_model, ckpt, exact=False)
+        results["fidelity_exact"] = fidelity(plain_model, ckpt, exact=True)
     results["load_average_after"] = os.getloadavg()
     report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,12 +168,12 @@ def plain_batch(model: CNNModel, paths: list[Path], batch_size: int) -> None:
             model(to_model_input(x))
 
 
-def fidelity(plain_model: CNNModel, ckpt: Path, fast: bool) -> dict[str, object]:
+def fidelity(plain_model: CNNModel, ckpt: Path, exact: bool) -> dict[str, object]:
     """Top-1 and probabilities of `predict` against the plain float32 model on every sample image."""
     sources = sorted(REAL_IMAGES.glob("*")) if REAL_IMAGES.is_dir() else []
     if not sources:
         return {"images": 0}
-    ours = cnn_use_model.predict_batch(sources, ckpt, fast=fast)
+    ours = cnn_use_model.predict_batch(sources, ckpt, exact=exact)
     x = torch.stack([image_to_tensor(Image.open(p), 256) for p in sources])
     with torch.no_grad():
         logits = torch.cat([plain_model(to_model_input(x[i : i + 8])) for i in range(0, len(x), 8)])
@@ -192,19 +196,21 @@ def report(r: dict) -> None:
         ("(b) plain fp32 eager, warm (median/p90)", f"{plain['median_ms']:.1f} / {plain['p90_ms']:.1f} ms",
          f"{plain['median_ms'] / ours['median_ms']:.2f}x"),
         ("(c) predict(), warm (median/p90)", f"{ours['median_ms']:.1f} / {ours['p90_ms']:.1f} ms", "1.00x"),
-        ("(c) predict(fast=True), warm", f"{r['predict_fast_warm']['median_ms']:.1f} / "
-         f"{r['predict_fast_warm']['p90_ms']:.1f} ms",
-         f"{ours['median_ms'] / r['predict_fast_warm']['median_ms']:.2f}x faster"),
+        ("(c) predict(exact=True), warm", f"{r['predict_exact_warm']['median_ms']:.1f} / "
+         f"{r['predict_exact_warm']['p90_ms']:.1f} ms",
+         f"{r['predict_exact_warm']['median_ms'] / ours['median_ms']:.2f}x slower"),
         ("(d) plain fp32 batch, incl. decoding", f"{r['plain_batch_images_per_s']:.1f} img/s", ""),
         ("(d) predict_batch, incl. decoding", f"{r['predict_batch_images_per_s']:.1f} img/s",
          f"{r['predict_batch_images_per_s'] / r['plain_batch_images_per_s']:.2f}x plain"),
+        ("(d) predict_batch(exact=True)", f"{r['predict_batch_exact_images_per_s']:.1f} img/s",
+         f"{r['predict_batch_exact_images_per_s'] / r['plain_batch_images_per_s']:.2f}x plain"),
     ]
     print(f"threads {r['threads']}, bf16 {r['bf16']}, first load {r['first_load_s']:.1f} s, load average "
           f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f} (others share the CPU)")
     print(f"{'path':<42}  {'time':>22}  {'vs predict':>12}")
     for name, value, ratio in rows:
         print(f"{name:<42}  {value:>22}  {ratio:>12}")
-    for key, label in (("fidelity", "predict()"), ("fidelity_fast", "predict(fast=True)")):
+    for key, label in (("fidelity", "predict()"), ("fidelity_exact", "predict(exact=True)")):
         f = r[key]
         if f["images"]:
             print(f"{label} on {f['images']} sample images: top-1 identical to plain fp32 "

@@ -126,16 +126,16 @@ def ckpt64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("model64") / "m64.pth", size=64, centred=False)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_optimised_model_matches_the_plain_model(ckpt64: Path, fast: bool) -> None:
+@pytest.mark.parametrize("exact", [True, False])
+def test_optimised_model_matches_the_plain_model(ckpt64: Path, exact: bool) -> None:
     ckpt = ckpt64
     images = [Image.fromarray(galaxy_array(seed, size=72)) for seed in range(100, 110)]
     reference = plain_probabilities(ckpt, images).double()
-    ours = torch.tensor([cum.predict(image, ckpt, fast=fast).probabilities for image in images])
-    batch = cum.predict_batch(images, ckpt, batch_size=5, fast=fast)
+    ours = torch.tensor([cum.predict(image, ckpt, exact=exact).probabilities for image in images])
+    batch = cum.predict_batch(images, ckpt, batch_size=5, exact=exact)
     batched = torch.tensor([p.probabilities for p in batch])
     assert reference.argmax(1).unique().numel() > 1, "the images should not all get one class"
-    low_precision = fast and cum.native_bf16(torch.device("cpu"))
+    low_precision = not exact and cum.native_bf16(torch.device("cpu"))
     for probs in (ours, batched):
         assert torch.equal(probs.argmax(1), reference.argmax(1))
         # float32 is exact up to rounding; bfloat16 moved these random models' probabilities by up to 0.011
@@ -264,16 +264,16 @@ def test_tta_is_invariant_to_flips_and_rotations(ckpt: Path) -> None:
     for view in views:
         view_tta = cum.predict(np.ascontiguousarray(view), ckpt, tta=True).probabilities
         np.testing.assert_allclose(view_tta, tta, atol=2e-3)
-    exact_tta = cum.predict(array, ckpt, tta=True).probabilities
+    exact_tta = cum.predict(array, ckpt, tta=True, exact=True).probabilities
     eight = [np.rot90(v, k).copy() for v in (array, np.fliplr(array)) for k in range(4)]
-    mean = np.mean([p.probabilities for p in cum.predict_batch(eight, ckpt)], axis=0)
+    mean = np.mean([p.probabilities for p in cum.predict_batch(eight, ckpt, exact=True)], axis=0)
     np.testing.assert_allclose(exact_tta, mean, atol=1e-6)
 
 
 def test_grad_cam_heatmap(ckpt: Path) -> None:
     array = galaxy_array(8)
     prediction, heatmap = cum.grad_cam(array, ckpt)
-    assert prediction.probabilities == cum.predict(array, ckpt).probabilities
+    assert prediction.probabilities == cum.predict(array, ckpt, exact=True).probabilities  # both float32
     assert heatmap.shape == (SIZE, SIZE) and heatmap.dtype == np.float32
     assert heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
     other = (prediction.class_id + 1) % 10
@@ -321,6 +321,17 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
         assert row["class_name"] == CLASS_NAMES[int(row["class_id"])]
         assert float(row["confidence"]) == max(probs)
     assert not list(tmp_path.glob(".predictions.csv.tmp*"))
+
+
+def test_cli_exact_writes_float32_probabilities(ckpt: Path, tmp_path: Path) -> None:
+    image = tmp_path / "g.png"
+    Image.fromarray(galaxy_array(12)).save(image)
+    out = tmp_path / "exact.csv"
+    assert run_cli(cum.cli_main, [str(image), "--model", str(ckpt), "--csv", str(out), "--exact"]) == 0
+    with out.open(newline="") as f:
+        (row,) = csv.DictReader(f)
+    expected = cum.predict(image, ckpt, exact=True).probabilities
+    assert [float(row[name]) for name in CLASS_NAMES] == pytest.approx(expected, abs=1e-7)
 
 
 def test_cli_bad_checkpoint_and_no_inputs_exit_2(ckpt: Path, tmp_path: Path,
