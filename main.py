@@ -176,15 +176,20 @@ class ModelRegistry:
         return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))
 
     def get(self, name: str | None) -> ModelInfo:
-        """The model called `name` (the default for an empty name), or a 503/404 ServiceError."""
+        """The model called `name` (the default for an empty name), or a 503/404 ServiceError.
+
+        The original page posted the checkpoint's file name, so `NAME.pth` also finds NAME; either
+        way it is only looked up among the names on offer, never opened as a path.
+        """
         models = self.models()
         if not models:
             raise ServiceError(503, f"no trained model is available: {TRAIN_HINT}")
         if not name:
             return models[0]
-        for info in models:
-            if info.name == name:
-                return info
+        by_name = {info.name: info for info in models}
+        info = by_name.get(name) or by_name.get(name.removesuffix(".pth"))
+        if info is not None:
+            return info
         available = ", ".join(m.name for m in models)
         raise ServiceError(404, f"unknown model {name!r}; available: {available}")
 

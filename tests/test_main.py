@@ -202,6 +202,18 @@ def test_api_predict_uses_the_named_model(client: TestClient, galaxy_png: bytes)
     assert body["confidence"] == max(body["probabilities"].values()) > 0.9
 
 
+@pytest.mark.parametrize("name", [PLAIN, f"{PLAIN}.pth", f"{BALANCED}.pth"])
+def test_a_model_is_found_by_its_name_or_its_file_name(
+    client: TestClient, galaxy_png: bytes, name: str
+) -> None:
+    # The original page posted `network=based_on_balanced_data_model.pth`; scripts written for it still work.
+    expected = name.removesuffix(".pth")
+    page = client.post("/upload-file/", files={"file": ("g.png", galaxy_png)}, data={"network": name})
+    assert page.status_code == 200 and f"{expected} (32 px input)" in page.text
+    answer = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": name})
+    assert answer.status_code == 200 and answer.json()["model"] == expected
+
+
 def test_api_models_and_healthz(client: TestClient) -> None:
     listing = client.get("/api/models").json()
     assert listing["default"] == BALANCED
@@ -373,7 +385,13 @@ def test_decompression_bomb_gets_400(client: TestClient, route: str, side: int, 
         ("/api/predict", "model", "nope"),
         ("/upload-file/", "network", "nope"),
         ("/upload-file/", "network", "../../etc/passwd"),
-        ("/upload-file/", "network", f"{BALANCED}.pth"),
+        ("/upload-file/", "network", "/etc/passwd"),
+        ("/upload-file/", "network", "../x.pth"),
+        ("/upload-file/", "network", f"sub/{BALANCED}.pth"),
+        ("/upload-file/", "network", f"./{BALANCED}.pth"),
+        ("/api/predict", "model", f"../{PLAIN}.pth"),
+        ("/api/predict", "model", f"{PLAIN}.pth.pth"),
+        ("/api/predict", "model", "notes.pth"),
     ],
 )
 def test_unknown_model_gets_404(
