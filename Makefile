@@ -32,6 +32,7 @@ $(DEV): $(RUNTIME) requirements-dev.txt
 	touch $@
 
 demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> train -> web page
+	@$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT) --check-port
 	@$(MAKE) --no-print-directory pipeline PY=$(PY)
 	@$(MAKE) --no-print-directory serve PY=$(PY)
 

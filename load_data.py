@@ -216,6 +216,32 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
+def remove_abandoned_stages(out: Path) -> None:
+    """Delete the hidden folders of exports into ``out`` that were killed (SIGKILL, a time limit),
+    which no cleanup could run for; a folder whose export is still running is left alone."""
+    prefix = f".{out.name}.partial-"
+    abandoned = []
+    for stage in out.parent.iterdir():
+        pid = stage.name.removeprefix(prefix)
+        if stage.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            abandoned.append(stage.name)
+    if abandoned:
+        killed = "an export that was killed" if len(abandoned) == 1 else "exports that were killed"
+        print(f"removed {', '.join(sorted(abandoned))} from {out.parent}, left by {killed}")
+
+
 @contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yield a hidden folder beside ``out`` to write into; it becomes ``out`` only on success."""
@@ -225,6 +251,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise Galaxy10Error(f"{out} already holds files: pass --force to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_stages(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()

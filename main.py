@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import io
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -469,10 +471,43 @@ def create_app(
 # ---------------------------------------------------------------- command line
 
 
+def port_number(text: str) -> int:
+    """argparse type for --port: uvicorn would end a port outside 0-65535 in a traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535: choose a free one, e.g. 8080")
+    return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, not after minutes of `make demo` training, if HOST:PORT is taken.
+
+    Binds the way uvicorn will, then lets go of the socket at once.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn does: a port left in TIME_WAIT by a server just stopped counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise Galaxy10Error(
+                    f"{host}:{port} is already in use: stop what listens there or choose another port "
+                    "(--port 8080, or `make demo PORT=8080`)"
+                ) from None
+            raise Galaxy10Error(
+                f"cannot listen on {host}:{port} ({err.strerror or err}): pass another --host or --port"
+            ) from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve the galaxy upload page and JSON API with uvicorn.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument(
         "--models-dir", default=".", help="folder with the .pth checkpoints cnn.py wrote (default: .)"
     )
@@ -488,11 +523,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"name (file stem) of the model to offer first (default: {PREFERRED_MODEL} if present, "
         "else the first by name)",
     )
+    parser.add_argument(
+        "--check-port",
+        action="store_true",
+        help="only check that --host:--port is free, then exit (make demo does this before training)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.check_port:
+        check_port_free(args.host, args.port)
+        return
     app = create_app(args.models_dir, args.max_upload_mb, args.default_model)
     names = [m.name for m in app.state.registry.models()]
     if args.default_model and args.default_model not in names:

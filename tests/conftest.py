@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -65,6 +67,13 @@ def assert_one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
     assert last.startswith("error: ") and err.count("error: ") == 1, err
     for word in words:
         assert word in last, err
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
 
 
 def save_model_checkpoint(path: Path, model: CNNModel, val_acc: float = 0.0) -> Path:

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, random_galaxy10, write_galaxy10
+from conftest import ROOT, assert_one_line_error, dead_pid, random_galaxy10, write_galaxy10
 from PIL import Image
 
 import load_data
@@ -133,6 +136,50 @@ def test_a_failure_mid_export_leaves_no_output(h5: Path, tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         load_data.main(["--h5", str(h5), "--out", str(tmp_path / "data"), "--workers", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
+
+
+def test_an_export_killed_mid_way_leaves_a_folder_the_next_run_removes(tmp_path: Path) -> None:
+    h5 = random_galaxy10(tmp_path / "big.h5", [200] * 10, size=64)
+    script = [sys.executable, str(ROOT / "load_data.py"), "--h5", str(h5), "--out", "data", "--workers", "1"]
+    killed = subprocess.Popen(script, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = tmp_path / f".data.partial-{killed.pid}"
+    deadline = time.monotonic() + 60
+    while not (stage.is_dir() and any(stage.rglob("*.png"))) and killed.poll() is None:
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the export finished before it could be killed"
+    assert stage.is_dir() and not (tmp_path / "data").exists()
+    running = tmp_path / f".data.partial-{os.getpid()}"  # an export still in progress: must be kept
+    (running / "train").mkdir(parents=True)
+
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not stage.exists() and (running / "train").is_dir()
+    assert [line for line in done.stdout.splitlines() if "removed" in line] == [
+        f"removed {stage.name} from ., left by an export that was killed"
+    ]
+    assert len(read_manifest(tmp_path / "data")) == 2000
+
+
+def test_only_partial_folders_of_dead_processes_are_removed(h5: Path, tmp_path: Path, capsys) -> None:
+    leftovers = [tmp_path / f".data.partial-{dead_pid()}", tmp_path / f".data.partial-{os.getppid()}",
+                 tmp_path / ".data.partial-notapid", tmp_path / ".other.partial-999999999"]
+    for folder in leftovers:
+        folder.mkdir()
+    assert export(h5, tmp_path / "data") == 0
+    assert [folder.exists() for folder in leftovers] == [False, True, True, True]
+    assert f"removed {leftovers[0].name} from {tmp_path}," in capsys.readouterr().out
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch) -> None:
+    def not_permitted(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    assert load_data.process_alive(os.getpid())
+    monkeypatch.setattr(load_data.os, "kill", not_permitted)
+    assert load_data.process_alive(1)
 
 
 # ---------------------------------------------------------------- bad input

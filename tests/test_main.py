@@ -6,8 +6,13 @@ import base64
 import hashlib
 import io
 import re
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -553,3 +558,64 @@ def test_cli_errors_are_one_line(
     assert run_cli(main.main, args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("port", "message"), [
+    ("99999", "port 99999 is outside 0-65535: choose a free one, e.g. 8080"),
+    ("-1", "port -1 is outside 0-65535: choose a free one, e.g. 8080"),
+    ("http", "'http' is not a port number (0-65535)"),
+])
+def test_a_port_outside_the_range_is_a_usage_error(
+    port: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--port", port])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith(f": error: argument --port: {message}")
+    assert err.count("error") == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something listens on, for the duration of the test."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def port_taken_error(port: int) -> str:
+    return (f"error: 127.0.0.1:{port} is already in use: stop what listens there or choose another port "
+            "(--port 8080, or `make demo PORT=8080`)")
+
+
+def test_check_port_fails_on_a_port_in_use(
+    taken_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(main.uvicorn, "run", lambda *a, **k: pytest.fail("must not serve"))
+    assert run_cli(main.main, ["--port", str(taken_port), "--check-port"]) == 2
+    assert capsys.readouterr().err == port_taken_error(taken_port) + "\n"
+
+
+def test_check_port_passes_on_a_free_port_and_leaves_it_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main.uvicorn, "run", lambda *a, **k: pytest.fail("must not serve"))
+    with socket.socket() as finder:
+        finder.bind(("127.0.0.1", 0))
+        port = finder.getsockname()[1]
+    assert run_cli(main.main, ["--port", str(port), "--check-port"]) == 0
+    with socket.socket() as server:  # no SO_REUSEADDR: this fails if the check still held the port
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_stops_before_training_when_the_port_is_taken(taken_port: int, tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "demo",
+         f"PY={sys.executable}", "RUNTIME=", f"PORT={taken_port}", "SAMPLE_N=60"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "error: " in line][0] == port_taken_error(taken_port)
+    assert list(tmp_path.iterdir()) == [], "the demo started its pipeline"

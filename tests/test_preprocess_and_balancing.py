@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, random_galaxy10
+from conftest import assert_one_line_error, dead_pid, random_galaxy10
 from PIL import Image
 
 import load_data
@@ -91,6 +92,19 @@ def test_copies_are_seeded_and_independent_of_workers(h5: Path, tmp_path: Path) 
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert balance(h5, tmp_path / "c", "--seed", "7") == 0
     assert files(tmp_path / "a" / "train") != files(tmp_path / "c" / "train")
+
+
+def test_the_partial_folder_of_a_killed_run_is_removed_and_a_running_ones_kept(
+    h5: Path, tmp_path: Path, capsys
+) -> None:
+    killed = tmp_path / f".b.partial-{dead_pid()}"
+    running = tmp_path / f".b.partial-{os.getppid()}"
+    for folder in (killed, running):
+        (folder / "train" / "0").mkdir(parents=True)
+    assert balance(h5, tmp_path / "b") == 0
+    assert not killed.exists() and running.is_dir()
+    out = capsys.readouterr().out
+    assert f"removed {killed.name} from {tmp_path}, left by an export that was killed" in out
 
 
 def aug(angle: float, flip: bool = False, brightness: float = 1.0, contrast: float = 1.0) -> pb.Augmentation:
