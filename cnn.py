@@ -3,6 +3,7 @@
     python cnn.py                      # the original configuration: balanced_data/, 256 px
     python cnn.py --image-size 64      # a CPU-sized profile
     python cnn.py --resume             # continue an interrupted run where it stopped
+    python cnn.py --init-from model.pth   # fine-tune any checkpoint, the original project's included
     python cnn.py --evaluate --model-path based_on_balanced_data_model.pth   # report only
 
 Every image is decoded once into a uint8 tensor cache (on the GPU when it fits); batches are sliced
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -78,6 +80,7 @@ class Config:
     device: str = "auto"
     workers: int = 2
     resume: bool = False
+    init_from: str = ""
     compile: bool = False
     evaluate: bool = False
 
@@ -98,10 +101,20 @@ FLAGS: dict[str, tuple[str, str]] = {
     "device": ("--device", "auto, cpu or cuda; auto picks cuda when available"),
     "workers": ("--workers", "threads decoding images into the cache"),
     "resume": ("--resume", "continue from <model stem>.resume.pth"),
+    "init_from": ("--init-from", "start from the weights of this checkpoint (cnn.py's or the original "
+                                 "project's) with a fresh optimiser"),
     "compile": ("--compile", "torch.compile the model (slow to start, faster steps)"),
     "evaluate": ("--evaluate", "only write the evaluation report of --model-path on --val-dir"),
 }
 DEVICES = ("auto", "cpu", "cuda")
+# The original project's checkpoints (its model.pth and based_on_balanced_data_model.pth) hold exactly
+# these keys: no architecture record, and weights named after its nested blocks.
+ORIGINAL_KEYS = frozenset(
+    {"epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc"}
+)
+# The original's features were Sequential(block, MaxPool2d, block, MaxPool2d, ...), each block a
+# Sequential of 3 x (Conv2d, BatchNorm2d, ReLU), so its weights are `features.<2 x block>.<layer>.<param>`.
+NESTED_FEATURE = re.compile(r"(features\.(\d+)\.(\d+))\.\w+")
 
 
 class CNNModel(nn.Module):
@@ -196,7 +209,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> No
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Load one of this project's checkpoints safely (no arbitrary unpickling)."""
+    """Load one of this project's checkpoints, or the original project's converted to one, safely (no
+    arbitrary unpickling)."""
     path = Path(path)
     if not path.is_file():
         raise Galaxy10Error(f"checkpoint {path} not found: train one with `python cnn.py`")
@@ -207,11 +221,75 @@ def load_checkpoint(
             f"{path} is not a checkpoint of this project ({type(err).__name__}); "
             "use a .pth file written by cnn.py"
         ) from None
+    if isinstance(checkpoint, dict) and checkpoint.keys() == ORIGINAL_KEYS:
+        checkpoint = from_original_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict) or checkpoint.get("architecture") != ARCHITECTURE:
         raise Galaxy10Error(
             f"{path} is not a {ARCHITECTURE} checkpoint written by cnn.py; train one with `python cnn.py`"
         )
     return checkpoint
+
+
+def from_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The original project's checkpoint as one of this project's (marked ``"source": "original"``), or
+    None when its weights are not DeepCNN-5Block's.
+
+    The original trained on Galaxy10's classes with this project's preprocessing; its image size is
+    read from the weights.
+    """
+    state = checkpoint["model_state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        return None
+    image_size = image_size_from_classifier(state)
+    if image_size is None:
+        return None
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation work
+        expected = CNNModel(len(CLASS_NAMES), image_size).state_dict()
+    weights = flatten_feature_names(state, expected)
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
+        return None
+    return {
+        **checkpoint,
+        **checkpoint_metadata(image_size),
+        "model_state_dict": weights,
+        "epoch": checkpoint["epoch"] - 1,  # it stored one more than the last epoch, whose weights it kept
+        "source": "original",
+    }
+
+
+def image_size_from_classifier(state: dict[str, torch.Tensor]) -> int | None:
+    """The input side a DeepCNN-5Block state implies: the first Linear layer (after the Flatten) reads
+    CHANNELS[-1] maps of (side / 32)^2 cells, so 32768 inputs mean 256 px. None when no side fits."""
+    first_linear = state.get("classifier.1.weight")
+    if first_linear is None or first_linear.dim() != 2:
+        return None
+    cells = first_linear.shape[1] // CHANNELS[-1]
+    side = math.isqrt(cells)
+    if side < 1 or side * side * CHANNELS[-1] != first_linear.shape[1]:
+        return None
+    return side * 2 ** len(CHANNELS)
+
+
+def flatten_feature_names(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` with the original's nested feature layers renamed to this model's flat ones.
+
+    Both list the same conv and BatchNorm layers in network order, so the k-th nested layer with weights
+    becomes the k-th flat one; a state of any other layout keeps names that the caller's check rejects.
+    """
+    nested = sorted({(int(m[2]), int(m[3]), m[1]) for key in state if (m := NESTED_FEATURE.fullmatch(key))})
+    flat = sorted({key.rsplit(".", 1)[0] for key in expected if key.startswith("features.")},
+                  key=lambda name: int(name.split(".")[1]))
+    renamed = {old: new for (_, _, old), new in zip(nested, flat, strict=False)}
+
+    def rename(key: str) -> str:
+        layer, _, param = key.rpartition(".")
+        return f"{renamed.get(layer, layer)}.{param}"
+
+    return {rename(key): value for key, value in state.items()}
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> CNNModel:
@@ -857,12 +935,29 @@ def finish_checkpoint(run: Run) -> dict[str, Any]:
     return best
 
 
+def initial_weights(config: Config, class_names: list[str]) -> dict[str, torch.Tensor] | None:
+    """--init-from's weights, checked against the run before any image is decoded; a resumed run
+    continues from its own weights instead."""
+    if not config.init_from or config.resume:
+        return None
+    checkpoint = load_checkpoint(config.init_from, mmap=True)
+    if checkpoint["image_size"] != config.image_size:
+        raise Galaxy10Error(f"--init-from: {config.init_from} was trained at {checkpoint['image_size']} px; "
+                            f"pass --image-size {checkpoint['image_size']}")
+    if checkpoint["class_names"] != class_names:
+        raise Galaxy10Error(f"--init-from: {config.init_from} was trained on the classes "
+                            f"{checkpoint['class_names']}, not {class_names}; "
+                            "train on data with the same class folders")
+    return checkpoint["model_state_dict"]
+
+
 def fit(config: Config) -> dict[str, Any]:
     """Train as configured; returns the evaluation report of the best epoch on the val set."""
     device = select_device(config.device)
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     class_names = class_names_for(train_scan.classes)
+    initial = initial_weights(config, class_names)
     train = build_cache(train_scan, config.image_size, device, config.workers, "decoding train")
     val = build_cache(val_scan, config.image_size, device, config.workers, "decoding val")
     print(f"train {len(train)} images ({train.where}), val {len(val)} images ({val.where}), "
@@ -871,6 +966,9 @@ def fit(config: Config) -> dict[str, Any]:
     if config.resume:
         restore(run, load_resume_state(config.model_path))
         print(f"resuming after epoch {run.epoch} of {config.num_epochs}")
+    elif initial is not None:
+        run.model.load_state_dict(initial)
+        print(f"starting from the weights of {config.init_from}")
     try:
         train_epochs(run)
     finally:

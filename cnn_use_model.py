@@ -538,7 +538,7 @@ def find_inputs(paths: Sequence[str]) -> Inputs:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Classify galaxy images with a checkpoint written by cnn.py.",
+        description="Classify galaxy images with a checkpoint written by cnn.py or the original project.",
         epilog="Unreadable files are reported and skipped; the exit code is then 1.",
     )
     parser.add_argument(

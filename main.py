@@ -156,10 +156,10 @@ def is_resume_file(path: Path) -> bool:
 
 
 class ModelRegistry:
-    """The checkpoints of this project in one folder, by name (the file stem).
+    """The checkpoints of this project (or the original project's) in one folder, by name (the file stem).
 
     The folder is re-listed on every call so a model trained while the server runs shows up; a file
-    is opened only when it is new or changed. Files that are not checkpoints of this project are left
+    is opened only when it is new or changed. Files that `load_checkpoint` refuses are left
     out. Clients choose among these names; they never name a path.
     """
 

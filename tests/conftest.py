@@ -91,6 +91,34 @@ def save_model_checkpoint(path: Path, model: CNNModel, val_acc: float = 0.0) -> 
     return path
 
 
+def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This project's weights under the original project's names: its features were five blocks of nine
+    layers, each block followed by a max-pool, so flat layer n was ``features.<2 * (n // 10)>.<n % 10>``."""
+
+    def original_name(key: str) -> str:
+        parts = key.split(".")
+        if parts[0] == "features":
+            n = int(parts[1])
+            parts[1:2] = [str(2 * (n // 10)), str(n % 10)]
+        return ".".join(parts)
+
+    return {original_name(key): value for key, value in state.items()}
+
+
+def save_original_checkpoint(path: Path, state: dict[str, torch.Tensor], val_acc: float = 0.0) -> Path:
+    """Save this project's weights as the original project's cnn.py saved its model after one epoch."""
+    payload = {
+        "epoch": 2,  # the original stored one more than the epochs it trained
+        "model_state_dict": original_layout(state),
+        "optimizer_state_dict": {"state": {}, "param_groups": []},
+        "train_history": {"train_loss": [2.0], "train_acc": [0.2], "val_loss": [1.9], "val_acc": [val_acc]},
+        "final_val_loss": 1.9,
+        "final_val_acc": val_acc,
+    }
+    torch.save(payload, path)
+    return path
+
+
 def biased_checkpoint(path: Path, bias: tuple[float, ...], val_acc: float = 0.0) -> Path:
     """A seeded 32 px model whose last-layer bias sets its confidences (they hardly depend on the image)."""
     torch.manual_seed(0)

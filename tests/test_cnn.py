@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, original_layout, save_original_checkpoint
 from PIL import Image
 
 import cnn
@@ -110,7 +110,7 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--train-dir", "--val-dir", "--model-path", "--image-size", "--batch-size", "--epochs",
                  "--lr", "--patience", "--min-delta", "--seed", "--device", "--workers", "--resume",
-                 "--compile", "--evaluate"):
+                 "--init-from", "--compile", "--evaluate"):
         assert flag in out
     for default in ("balanced_data/train", "balanced_data/val", "based_on_balanced_data_model.pth",
                     "(default: 256)", "(default: 32)", "(default: 100)", "(default: 0.001)", "(default: 10)",
@@ -244,6 +244,122 @@ def test_resume_without_a_resume_file_is_a_one_line_error(
 ) -> None:
     assert train([*tiny_args(data, tmp_path / "m.pth"), "--resume"]) == 2
     assert_one_line_error(capsys, "m.resume.pth", "not found")
+
+
+# ---------------------------------------------------------------- the original project's checkpoints
+
+
+@pytest.fixture(scope="module")
+def data10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One image per Galaxy10 class: the original's checkpoints always have ten outputs."""
+    root = tmp_path_factory.mktemp("data10")
+    classes = tuple(str(i) for i in range(len(CLASS_NAMES)))
+    make_folders(root / "train", classes, per_class=1, seed=0)
+    make_folders(root / "val", classes, per_class=1, seed=1)
+    return root
+
+
+def galaxy10_args(data10: Path, model_path: Path, *extra: str) -> list[str]:
+    return tiny_args(data10, model_path, "--num-classes", "10", "--epochs", "1", *extra)
+
+
+@pytest.fixture(scope="module")
+def original_model() -> cnn.CNNModel:
+    torch.manual_seed(3)
+    return cnn.CNNModel(image_size=32)
+
+
+def test_an_original_checkpoint_loads_as_one_of_this_projects(
+    original_model: cnn.CNNModel, tmp_path: Path
+) -> None:
+    path = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict(), val_acc=0.84)
+    assert "features.2.0.weight" in load(path)["model_state_dict"]  # the original's nested names
+    checkpoint = cnn.load_checkpoint(path)
+    assert checkpoint["source"] == "original" and checkpoint["architecture"] == cnn.ARCHITECTURE
+    assert (checkpoint["image_size"], checkpoint["class_names"]) == (32, list(CLASS_NAMES))
+    assert checkpoint["preprocessing"] == cnn.PREPROCESSING
+    assert (checkpoint["epoch"], checkpoint["final_val_acc"]) == (1, 0.84)
+    assert same_weights(checkpoint["model_state_dict"], original_model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(cnn.model_from_checkpoint(checkpoint)(x), original_model.eval()(x))
+
+
+@pytest.mark.parametrize("size", [256, 64])
+def test_the_first_linear_layers_width_gives_the_image_size(size: int) -> None:
+    with torch.device("meta"):  # shapes only: a 256 px model would take 304 MB
+        state = original_layout(cnn.CNNModel(image_size=size).state_dict())
+    assert state["classifier.1.weight"].shape[1] == 512 * (size // 32) ** 2  # 32768 at 256 px
+    checkpoint = cnn.from_original_checkpoint({"epoch": 3, "model_state_dict": state})
+    assert checkpoint is not None and checkpoint["image_size"] == size
+
+
+def original_with(state: dict[str, torch.Tensor]) -> dict:
+    return {"epoch": 2, "model_state_dict": state, "optimizer_state_dict": {}, "train_history": {},
+            "final_val_loss": 1.0, "final_val_acc": 0.5}
+
+
+@pytest.mark.parametrize("case", ["another network", "a block missing", "five classes", "a wrong shape"])
+def test_files_like_the_originals_with_other_weights_are_one_line_errors(
+    case: str, original_model: cnn.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = original_layout(original_model.state_dict())
+    if case == "another network":
+        state = {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}
+    elif case == "a block missing":
+        state = {k: v for k, v in state.items() if not k.startswith("features.8.")}
+    elif case == "five classes":
+        state = original_layout(cnn.CNNModel(num_classes=5, image_size=32).state_dict())
+    else:
+        state["features.4.3.weight"] = state["features.4.3.weight"][:, :-1]
+    path = tmp_path / "foreign.pth"
+    torch.save(original_with(state), path)
+    assert train(["--evaluate", "--model-path", str(path)]) == 2
+    assert_one_line_error(capsys, "foreign.pth", f"is not a {cnn.ARCHITECTURE} checkpoint")
+
+
+def test_evaluate_flag_reports_on_an_original_checkpoint(
+    data10: Path, original_model: cnn.CNNModel, tmp_path: Path
+) -> None:
+    original = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict())
+    ours = tmp_path / "ours.pth"
+    cnn.save_checkpoint({**cnn.checkpoint_metadata(32), "model_state_dict": original_model.state_dict()},
+                        ours)
+    reports = []
+    for path in (original, ours):
+        assert train(["--evaluate", "--model-path", str(path), "--val-dir", str(data10 / "val")]) == 0
+        reports.append(json.loads(cnn.output_path(path, "report.json").read_text()))
+    assert reports[0]["n_samples"] == 10 and reports[0]["epoch"] == 1
+    assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
+    assert reports[0]["per_class"] == reports[1]["per_class"]
+
+
+def test_init_from_an_original_checkpoint_starts_from_its_weights(
+    data10: Path, original_model: cnn.CNNModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cnn, "train_one_epoch", lambda run, epoch: (1.0, 0.5))  # no step: weights kept
+    original = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict())
+    assert train(galaxy10_args(data10, tmp_path / "tuned.pth", "--init-from", str(original))) == 0
+    assert same_weights(load(tmp_path / "tuned.pth")["model_state_dict"], original_model.state_dict())
+    assert train(galaxy10_args(data10, tmp_path / "scratch.pth")) == 0
+    assert not same_weights(load(tmp_path / "scratch.pth")["model_state_dict"], original_model.state_dict())
+
+
+def test_init_from_fine_tunes_with_a_fresh_optimiser(data: Path, trained: Path, tmp_path: Path) -> None:
+    assert load(trained)["optimizer_state_dict"]["state"][0]["step"] == 4  # 2 epochs of 2 steps
+    assert train(tiny_args(data, tmp_path / "tuned.pth", "--epochs", "1", "--init-from", str(trained))) == 0
+    tuned = load(tmp_path / "tuned.pth")
+    assert tuned["optimizer_state_dict"]["state"][0]["step"] == 2
+    assert tuned["config"]["init_from"] == str(trained)
+    assert not same_weights(tuned["model_state_dict"], load(trained)["model_state_dict"])
+
+
+def test_init_from_at_another_image_size_is_a_one_line_error(
+    data: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = tiny_args(data, tmp_path / "m.pth", "--init-from", str(trained), "--image-size", "64")
+    assert train(args) == 2
+    assert_one_line_error(capsys, "was trained at 32 px; pass --image-size 32")
+    assert not (tmp_path / "m.pth").exists()
 
 
 # ---------------------------------------------------------------- bad input

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import bomb_png, save_model_checkpoint
+from conftest import bomb_png, save_model_checkpoint, save_original_checkpoint
 from PIL import Image
 
 import cnn_use_model as cum
@@ -110,6 +110,19 @@ def test_main_returns_the_class_name_as_the_original(ckpt: Path, tmp_path: Path)
     path = tmp_path / "g.png"
     Image.fromarray(galaxy_array(3)).save(path)
     assert cum.main(str(path), str(ckpt)) == cum.predict(path, ckpt).class_name
+
+
+def test_an_original_checkpoint_predicts_as_the_same_weights_in_this_projects_format(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    weights = torch.load(ckpt, weights_only=True)["model_state_dict"]
+    original = save_original_checkpoint(tmp_path / "model.pth", weights)
+    for seed in range(4):
+        image = tmp_path / f"g{seed}.png"
+        Image.fromarray(galaxy_array(seed)).save(image)
+        ours, theirs = cum.predict(image, ckpt), cum.predict(image, original)
+        assert (theirs.class_names, theirs.probabilities) == (ours.class_names, ours.probabilities)
+        assert cum.main(str(image), str(original)) == ours.class_name
 
 
 def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, int]]) -> None:

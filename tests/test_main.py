@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import biased_checkpoint, bomb_png
+from conftest import biased_checkpoint, bomb_png, save_original_checkpoint
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -255,6 +255,22 @@ def test_a_model_trained_while_serving_appears(tmp_path: Path) -> None:
         # cnn.py's per-epoch resume file is the last epoch, not a finished model: never offered.
         biased_checkpoint(tmp_path / "fresh.resume.pth", SPREAD_BIAS)
         assert [m["name"] for m in live.get("/api/models").json()["models"]] == ["fresh"]
+
+
+def test_the_original_projects_checkpoint_is_served_by_name(tmp_path: Path, galaxy_png: bytes) -> None:
+    ours = biased_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS, val_acc=0.62)
+    save_original_checkpoint(tmp_path / "model.pth", torch.load(ours, weights_only=True)["model_state_dict"],
+                             val_acc=0.84)
+    with TestClient(create_app(tmp_path)) as served:
+        assert re.findall(r'<option value="([^"]+)"', served.get("/").text) == [BALANCED, "model"]
+        listing = {m["name"]: m for m in served.get("/api/models").json()["models"]}
+        assert listing["model"]["val_acc"] == pytest.approx(0.84) and listing["model"]["image_size"] == 32
+        answers = [
+            served.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": name}).json()
+            for name in (BALANCED, "model")
+        ]
+    assert answers[1]["model"] == "model"
+    assert answers[1]["probabilities"] == answers[0]["probabilities"]
 
 
 # ---------------------------------------------------------------- bad input
