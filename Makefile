@@ -9,7 +9,7 @@ PY     ?= $(VENV)/bin/python
 H5           ?= Galaxy10_DECals.h5
 SAMPLE       ?= galaxy10_sample.h5
 SAMPLE_N     ?= 2000
-CPU_PROFILE  ?= --image-size 64 --epochs 7 --patience 3
+CPU_PROFILE  ?= --preset cpu
 HOST         ?= 127.0.0.1
 PORT         ?= 8000
 

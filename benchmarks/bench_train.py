@@ -6,7 +6,8 @@
 Both train the same DeepCNN-5Block with batch 32 on the same synthetic balanced set of PNG files
 (written to a temporary folder, deleted afterwards), for a fixed number of steps after a warm-up:
 (a) cnn.py: images decoded once into a uint8 cache on the device, batches sliced from it and
-augmented there, bf16 autocast, channels_last, cudnn.benchmark on CUDA; (b) the original:
+augmented there, the default recipe's optimiser and per-step schedule, bf16 autocast, channels_last,
+cudnn.benchmark on CUDA; (b) the original:
 torchvision ImageFolder with PIL transforms, DataLoader with 2 workers, fp32.
 Target on one H100: (a) >= 4000 images/s and >= 10x (b). Figures go to stdout and
 benchmarks/results/bench_train.json.
@@ -97,13 +98,16 @@ def bench_pipeline(root: Path, args: argparse.Namespace) -> dict[str, float]:
     model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
     forward.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    recipe = cnn.RECIPES["default"]
+    optimizer = cnn.make_optimizer(model, recipe, cnn.Config.learning_rate, device)
+    scheduler = cnn.make_scheduler(optimizer, recipe, args.warmup + args.steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
     shuffle, augment = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1)
     batches = forever(lambda: cnn.iterate_batches(cache, args.batch_size, shuffle))
 
     def step() -> None:
         cnn.train_step(forward, optimizer, criterion, *next(batches), augment)
+        scheduler.step()
 
     rate = images_per_s(step, args.warmup, args.steps, args.batch_size, device, "cnn.py pipeline")
     return {"images_per_s": rate, "cache_build_s": cache_s, "cache_mb": cache.images.nbytes / 2**20,

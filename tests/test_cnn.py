@@ -110,13 +110,15 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--train-dir", "--val-dir", "--model-path", "--image-size", "--batch-size", "--epochs",
                  "--lr", "--patience", "--min-delta", "--seed", "--device", "--workers", "--resume",
-                 "--init-from", "--compile", "--evaluate"):
+                 "--recipe", "--preset", "--init-from", "--compile", "--evaluate"):
         assert flag in out
     for default in ("balanced_data/train", "balanced_data/val", "based_on_balanced_data_model.pth",
                     "(default: 256)", "(default: 32)", "(default: 100)", "(default: 0.001)", "(default: 10)",
-                    "(default: 0.0001)", "(default: 42)", "(default: auto)"):
+                    "(default: 0.0001)", "(default: 42)", "(default: auto)", "(default: default)"):
         assert default in out
-    assert out.count("(default:") == len(cnn.FLAGS)
+    unset = [name for name in cnn.FLAGS if getattr(cnn.Config(), name) == ""]  # an empty default is not shown
+    assert unset == ["preset", "init_from"]
+    assert out.count("(default:") == len(cnn.FLAGS) - len(unset)
 
 
 def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
@@ -135,6 +137,112 @@ def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path
     assert cnn.class_names_for(scan.classes) == list(CLASS_NAMES[:2])
     assert cnn.class_names_for(["9", "10", "2"]) == ["9", "10", "2"]
     assert cnn.class_names_for(["spiral", "round"]) == ["spiral", "round"]
+
+
+# ---------------------------------------------------------------- the training recipe
+
+
+def head_signal(model: cnn.CNNModel, x: torch.Tensor) -> list[float]:
+    """RMS of the classifier's input, then of each of its Linear layers' outputs (the last: the logits)."""
+    h = torch.flatten(model.features(x), 1)
+    rms = [h.pow(2).mean().sqrt().item()]
+    for layer in model.classifier[1:]:
+        h = layer(h)
+        if isinstance(layer, torch.nn.Linear):
+            rms.append(h.pow(2).mean().sqrt().item())
+    return rms
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@torch.no_grad()
+def test_the_default_initialisation_keeps_the_heads_signal_and_the_original_loses_it(size: int) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, size, size)
+    default = head_signal(cnn.CNNModel(10, size, head_init="kaiming").eval(), x)
+    original = head_signal(cnn.CNNModel(10, size).eval(), x)
+    # Kaiming's fan-in scaling keeps a ReLU layer's second moment (He et al. 2015); over 16 images and
+    # random weights each hidden layer stays within 2x of the head's input.
+    assert all(0.5 < rms / default[0] < 2 for rms in default[1:-1])
+    # The output layer stays N(0, 0.01): logits about 0.01 x sqrt(32) = 0.06 of the last hidden layer,
+    # small enough for near-uniform first predictions, large enough not to vanish.
+    assert 0.01 < default[-1] / default[-2] < 0.2
+    # The original's N(0, 0.01) hidden layers shrink the signal over a thousandfold before the logits.
+    assert original[-1] / original[0] < 1e-3
+
+
+def colour_cache(per_class: int, seed: int) -> cnn.ImageCache:
+    """Four classes of noisy 32 px squares, one clear colour each: learnable in a few dozen steps."""
+    colours = torch.tensor([(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)], dtype=torch.float)
+    labels = torch.arange(len(colours)).repeat_interleave(per_class)
+    noise = 25 * torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    images = (colours[labels].view(-1, 3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+    return cnn.ImageCache(images, labels, torch.device("cpu"))
+
+
+def accuracy_after_training(recipe: str, seed: int, epochs: int) -> float:
+    """Train on the colour set with cnn.py's own run and epoch loop; accuracy on the training images."""
+    data = colour_cache(per_class=16, seed=0)
+    config = cnn.Config(image_size=32, batch_size=8, num_epochs=epochs, num_classes=4, recipe=recipe,
+                        seed=seed)
+    run = cnn.make_run(config, torch.device("cpu"), list("abcd"), data, data)
+    for epoch in range(1, epochs + 1):
+        cnn.train_one_epoch(run, epoch)
+    return cnn.evaluate(run.model, data, run.criterion, 64)[1]
+
+
+def test_the_default_recipe_learns_an_easy_set_in_a_few_dozen_steps() -> None:
+    # 6 epochs of 8 steps; the original recipe stays near chance (25%) after as many (see the next test).
+    assert accuracy_after_training("default", seed=0, epochs=6) >= 0.9
+
+
+def test_the_original_recipe_is_reproduced_exactly() -> None:
+    config = cnn.Config(image_size=32, batch_size=8, num_classes=4, recipe="original", seed=5)
+    data = colour_cache(per_class=2, seed=0)
+    run = cnn.make_run(config, torch.device("cpu"), list("abcd"), data, data)
+    torch.manual_seed(5)
+    reference = cnn.CNNModel(4, 32)  # the original's initialisation: N(0, 0.01) Linear layers, zero bias
+    assert same_weights(run.model.state_dict(), reference.state_dict())
+    linears = [m for m in run.model.classifier if isinstance(m, torch.nn.Linear)]
+    assert torch.cat([m.weight.flatten() for m in linears]).std().item() == pytest.approx(0.01, rel=0.02)
+    assert not any(m.bias.any() for m in linears)
+    assert type(run.optimizer) is torch.optim.Adam
+    assert run.optimizer.defaults["lr"] == 0.001 and run.optimizer.defaults["weight_decay"] == 0
+    scheduler = run.scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.factor, scheduler.patience, scheduler.min_lrs) == (0.5, 2, [1e-7])
+    assert accuracy_after_training("original", seed=0, epochs=6) <= 0.6  # it does not learn in that time
+
+
+def test_the_checkpoint_records_its_recipe_and_an_older_one_still_loads(
+    data: Path, trained: Path, tmp_path: Path
+) -> None:
+    assert load(trained)["recipe"] == "default"
+    older = {key: value for key, value in load(trained).items() if key != "recipe"}
+    torch.save(older, tmp_path / "older.pth")
+    checkpoint = cnn.load_checkpoint(tmp_path / "older.pth")
+    assert cnn.checkpoint_recipe(checkpoint) == "original"  # what this project trained with before recipes
+    older_path = tmp_path / "older.pth"
+    assert train(["--evaluate", "--model-path", str(older_path), "--val-dir", str(data / "val")]) == 0
+    assert json.loads(cnn.output_path(older_path, "report.json").read_text())["recipe"] == "original"
+
+
+def test_a_preset_sets_defaults_that_explicit_flags_override() -> None:
+    cpu = cnn.parse_config(["--preset", "cpu"])
+    assert (cpu.image_size, cpu.num_epochs, cpu.patience) == (64, 7, 3)
+    assert cnn.parse_config(["--preset", "cpu", "--epochs", "30"]).num_epochs == 30
+    assert cnn.parse_config(["--epochs", "30", "--preset", "cpu"]).num_epochs == 30  # order does not matter
+    plain = cnn.parse_config([])  # no preset: the original configuration, with the default recipe
+    assert (plain.image_size, plain.batch_size, plain.num_epochs, plain.patience, plain.learning_rate,
+            plain.recipe) == (256, 32, 100, 10, 0.001, "default")
+
+
+@pytest.mark.parametrize(("flags", "choices"), [(["--preset", "gpu"], "cpu"),
+                                                (["--recipe", "fast"], "default, original")])
+def test_an_unknown_preset_or_recipe_is_a_one_line_error_listing_the_choices(
+    flags: list[str], choices: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(flags) == 2
+    assert_one_line_error(capsys, flags[1], choices)
 
 
 # ---------------------------------------------------------------- a training run's outputs
