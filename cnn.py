@@ -5,6 +5,7 @@
     python cnn.py --resume             # continue an interrupted run where it stopped
     python cnn.py --init-from model.pth   # fine-tune any checkpoint, the original project's included
     python cnn.py --evaluate --model-path based_on_balanced_data_model.pth   # report only
+    torchrun --nproc_per_node 4 cnn.py   # data-parallel on 4 GPUs: 4 x 32 images a step
 
 Every image is decoded once into a uint8 tensor cache (on the GPU when it fits); batches are sliced
 from it and augmented on the device, so no PIL work happens per step. Beside the checkpoint (the
@@ -31,10 +32,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -61,6 +63,10 @@ EVAL_BATCH_FACTOR_GPU = 4
 GPU_CACHE_SHARE = 0.5  # the image cache may take this share of free GPU memory
 ECE_BINS = 15
 HEAD_INITS = ("normal", "kaiming")
+# Rank r's augmentation and dropout streams start from seed + r * RANK_SEED_STRIDE, far from the
+# seeds a user steps through (42, 43, ...), so no two processes share a stream.
+RANK_SEED_STRIDE = 1000
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,6 +88,9 @@ class Config:
     seed: int = 42
     device: str = "auto"
     workers: int = 2
+    no_augment: bool = False
+    no_dropout: bool = False
+    sync_bn: bool = False
     resume: bool = False
     init_from: str = ""
     compile: bool = False
@@ -94,7 +103,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "val_dir": ("--val-dir", "validation images, one folder per class id"),
     "model_path": ("--model-path", "checkpoint to write (the best epoch by val loss)"),
     "image_size": ("--image-size", "side in pixels images are resized to (a multiple of 32)"),
-    "batch_size": ("--batch-size", "images per training step"),
+    "batch_size": ("--batch-size", "images per training step and process: under torchrun with N "
+                                   "processes a step takes N x this"),
     "num_epochs": ("--epochs", "most epochs to train"),
     "learning_rate": ("--lr", "base learning rate; the recipe's optimiser peaks at lr_scale x it"),
     "num_classes": ("--num-classes", "class folders expected in each data folder"),
@@ -107,6 +117,11 @@ FLAGS: dict[str, tuple[str, str]] = {
     "seed": ("--seed", "seed for weights, shuffling, augmentation and dropout"),
     "device": ("--device", "auto, cpu or cuda; auto picks cuda when available"),
     "workers": ("--workers", "threads decoding images into the cache"),
+    "no_augment": ("--no-augment", "train on the images as they are: no flip, rotation, shift, "
+                                   "perspective or colour jitter"),
+    "no_dropout": ("--no-dropout", "train without dropout"),
+    "sync_bn": ("--sync-bn", "under torchrun on GPUs, BatchNorm statistics over all processes' "
+                             "batches (SyncBatchNorm); ignored in one process"),
     "resume": ("--resume", "continue from <model stem>.resume.pth"),
     "init_from": ("--init-from", "start from the weights of this checkpoint (cnn.py's or the original "
                                  "project's) with a fresh optimiser"),
@@ -200,7 +215,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    return math.ceil(num_images / batch_size)
+    """Optimiser steps in an epoch over num_images; under torchrun each process takes an equal share."""
+    return math.ceil(num_images // world_size() / batch_size)
 
 
 # ---------------------------------------------------------------- the model
@@ -551,7 +567,8 @@ def decode_images(paths: Sequence[Path], image_size: int, workers: int, desc: st
 
     pool = ThreadPoolExecutor(max_workers=max(workers, 1))
     try:
-        for _ in tqdm(pool.map(load, range(len(paths))), total=len(paths), desc=desc, unit="img"):
+        for _ in tqdm(pool.map(load, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      disable=not is_main_process()):
             pass
     finally:
         pool.shutdown(cancel_futures=True)  # after a bad image or Ctrl-C, skip the rest of the queue
@@ -603,11 +620,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def iterate_batches(
     cache: ImageCache, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) batches on the cache's device; shuffled by generator when given."""
+    """(uint8 images, labels) batches on the cache's device; when a generator is given, shuffled, and
+    under torchrun only this process's share."""
     order = None
+    count = len(cache)
     if generator is not None:
-        order = torch.randperm(len(cache), generator=generator).to(cache.images.device)
-    for start in range(0, len(cache), batch_size):
+        order = this_process_share(torch.randperm(len(cache), generator=generator).to(cache.images.device))
+        count = len(order)
+    for start in range(0, count, batch_size):
         index: slice | torch.Tensor = slice(start, start + batch_size)
         if order is not None:
             index = order[index]
@@ -733,10 +753,14 @@ def train_step(
     criterion: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch; returns (loss, correct count) without waiting for the GPU."""
-    x = augment_batch(to_model_input(images), generator).contiguous(memory_format=torch.channels_last)
+    """One optimisation step on a uint8 batch, augmented unless generator is None; returns (loss, correct
+    count) without waiting for the GPU."""
+    x = to_model_input(images)
+    if generator is not None:
+        x = augment_batch(x, generator)
+    x = x.contiguous(memory_format=torch.channels_last)
     with mixed_precision(images.device):
         logits = model(x)
         loss = criterion(logits, labels)
@@ -843,9 +867,11 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
     num_batches = steps_per_epoch(len(run.train), run.config.batch_size)
     batches = iterate_batches(run.train, run.config.batch_size, run.shuffle_rng)
     desc = f"epoch {epoch}/{run.config.num_epochs}"
-    bar = tqdm(batches, total=num_batches, desc=desc, unit="batch", leave=False)
+    bar = tqdm(batches, total=num_batches, desc=desc, unit="batch", leave=False,
+               disable=not is_main_process())
+    augment_rng = None if run.config.no_augment else run.augment_rng
     for step, (images, labels) in enumerate(bar, 1):
-        loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, run.augment_rng)
+        loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, augment_rng)
         if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             run.scheduler.step()
         loss_sum += loss * len(labels)
@@ -855,7 +881,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
             mean_loss = finite(loss_sum.item() / seen, "the training loss", run, epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.1%}")
     bar.close()
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_total, hits_total, seen_total = sum_over_processes([loss_sum, correct, seen], run.device)
+    return loss_total / seen_total, hits_total / seen_total
 
 
 def make_run(
@@ -867,6 +894,12 @@ def make_run(
     model = CNNModel(len(class_names), config.image_size, head_init=recipe.head_init)
     print_model_summary(model, config.image_size)
     model = model.to(device, memory_format=torch.channels_last)
+    if config.no_dropout:
+        switch_off_dropout(model)
+    if config.sync_bn and world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    seed_dropout_per_process(config.seed)
+    forward = data_parallel(model)
     optimizer = make_optimizer(model, recipe, config.learning_rate, device)
     total_steps = config.num_epochs * steps_per_epoch(len(train), config.batch_size)
     return Run(
@@ -874,14 +907,14 @@ def make_run(
         device=device,
         class_names=class_names,
         model=model,
-        forward=torch.compile(model) if config.compile else model,
+        forward=torch.compile(forward) if config.compile else forward,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, recipe, total_steps),
         criterion=nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING),
         train=train,
         val=val,
         shuffle_rng=torch.Generator().manual_seed(config.seed),
-        augment_rng=torch.Generator(device).manual_seed(config.seed + 1),
+        augment_rng=torch.Generator(device).manual_seed(config.seed + 1 + RANK_SEED_STRIDE * rank()),
         stopper=EarlyStopping(config.patience, config.min_delta),
     )
 
@@ -890,6 +923,13 @@ def print_model_summary(model: CNNModel, image_size: int) -> None:
     """torchsummary's table, computed on CPU in eval mode so it changes no BatchNorm statistics."""
     model.eval()
     summary(model, (3, image_size, image_size), device="cpu")
+
+
+def switch_off_dropout(model: nn.Module) -> None:
+    """--no-dropout: every Dropout layer passes its input through."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def rng_state(run: Run) -> dict[str, Any]:
@@ -937,6 +977,7 @@ def resume_payload(run: Run) -> dict[str, Any]:
         "early_stopping": dataclasses.asdict(run.stopper),
         "train_history": run.history,
         "rng": rng_state(run),
+        **rng_states_of_every_process(run),
         "recipe": run.config.recipe,
         "config": dataclasses.asdict(run.config),
     }
@@ -968,7 +1009,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
                                 saved["best_epoch"], saved["bad_epochs"])
     run.history = state["train_history"]
     run.epoch = state["epoch"]
-    set_rng_state(run, state["rng"])
+    restore_rng_of_this_process(run, state)
 
 
 def epoch_line(run: Run, epoch: int, seconds: float, improved: bool) -> str:
@@ -987,7 +1028,7 @@ def run_epoch(run: Run, epoch: int, writer: CheckpointWriter) -> None:
     started = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     train_loss, train_acc = train_one_epoch(run, epoch)
-    val_loss, val_acc = evaluate(run.forward, run.val, run.criterion, run.eval_batch_size)
+    val_loss, val_acc = validate(run)
     finite(val_loss, "the validation loss", run, epoch)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step(val_loss)
@@ -997,10 +1038,13 @@ def run_epoch(run: Run, epoch: int, writer: CheckpointWriter) -> None:
         run.history[key].append(value)
     run.epoch = epoch
     improved = run.stopper.update(val_loss, epoch)
+    resume = resume_payload(run)  # on every process: it gathers each one's random streams
+    if not is_main_process():
+        return
     writer.wait()  # one write in flight at a time bounds the host memory the snapshots take
     if improved:
         writer.save(best_payload(run, epoch), run.config.model_path)
-    writer.save(resume_payload(run), resume_path(run.config.model_path))
+    writer.save(resume, resume_path(run.config.model_path))
     write_history(run.history, run.config.model_path)
     print(epoch_line(run, epoch, time.perf_counter() - started, improved), flush=True)
 
@@ -1029,7 +1073,7 @@ def train_epochs(run: Run) -> None:
                 break
     except KeyboardInterrupt:
         writer.close()  # the resume file named below must be complete
-        if run.epoch:
+        if run.epoch and is_main_process():
             print(f"\ninterrupted in epoch {epoch}; epochs 1-{run.epoch} are saved in "
                   f"{resume_path(run.config.model_path)}. Continue with:\n  {resume_command(run.config)}",
                   file=sys.stderr)
@@ -1070,6 +1114,7 @@ def fit(config: Config) -> dict[str, Any]:
     device = select_device(config.device)
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
+    check_images_per_process(train_scan, val_scan)
     class_names = class_names_for(train_scan.classes)
     initial = initial_weights(config, class_names)
     train = build_cache(train_scan, config.image_size, device, config.workers, "decoding train")
@@ -1086,11 +1131,187 @@ def fit(config: Config) -> dict[str, Any]:
     try:
         train_epochs(run)
     finally:
-        if run.history["val_loss"]:
+        if run.history["val_loss"] and is_main_process():
             write_curves(run.history, run.stopper.best_epoch, config.model_path)
+    if not is_main_process():
+        return from_main_process(None)  # the report, once rank 0 has written it
     best = finish_checkpoint(run)
-    return write_evaluation(run.model, val, class_names, config.model_path, run.eval_batch_size,
-                            {"epoch": best["best_epoch"], "val_dir": config.val_dir, "recipe": config.recipe})
+    context = {"epoch": best["best_epoch"], "val_dir": config.val_dir, "recipe": config.recipe}
+    report = write_evaluation(run.model, val, class_names, config.model_path, run.eval_batch_size, context)
+    return from_main_process(report)
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (or torch.distributed.run) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 alone shows progress and writes the checkpoint, the resume file and the reports."""
+    return rank() == 0
+
+
+@contextlib.contextmanager
+def distributed(config: Config) -> Iterator[None]:
+    """Under torchrun, join the other processes (NCCL on CUDA, one GPU each by LOCAL_RANK; gloo on CPU)
+    and silence stdout on all but rank 0. A single process is left as it is."""
+    if not launched_by_torchrun():
+        yield
+        return
+    device = select_device(config.device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise Galaxy10Error(f"this machine has {torch.cuda.device_count()} GPUs, one per process: "
+                                "pass a smaller --nproc_per_node to torchrun")
+        torch.cuda.set_device(local_rank)
+        join_process_group("nccl", torch.device("cuda", local_rank))
+    elif config.sync_bn:
+        raise Galaxy10Error("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
+                            "drop it on CPU")
+    else:
+        join_process_group("gloo")
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if rank() else sys.stdout):
+            print(f"{world_size()} processes ({dist.get_backend()}), {world_size()} x {config.batch_size} "
+                  "images per step")
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def join_process_group(backend: str, device_id: torch.device | None = None) -> None:
+    """init_process_group from torchrun's environment, each attempt under keys of its own: torchrun's agent
+    keeps its store across --max-restarts and the process group's keys name no attempt, so a restarted
+    group would otherwise connect to the addresses of the one that died."""
+    store, process_rank, process_count = next(dist.rendezvous("env://"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=process_rank, world_size=process_count,
+                            device_id=device_id)
+
+
+def from_main_process(value: T) -> T:
+    """Rank 0's value, on every process."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resume_after_restart(config: Config) -> Config:
+    """When torchrun restarts the processes (--max-restarts) after one died, continue from the resume file
+    the failed attempt left; without one (it died in its first epoch) start again. Rank 0 looks, so all
+    processes agree."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts or config.resume or not from_main_process(resume_path(config.model_path).is_file()):
+        return config
+    print(f"torchrun restart {restarts}: continuing from {resume_path(config.model_path)}")
+    return dataclasses.replace(config, resume=True)
+
+
+def check_images_per_process(train: FolderScan, val: FolderScan) -> None:
+    """Every process needs at least one training and one validation image."""
+    for scan in (train, val):
+        if len(scan.paths) < world_size():
+            raise Galaxy10Error(f"{scan.root} has {len(scan.paths)} images, fewer than the {world_size()} "
+                                "processes; start fewer with torchrun --nproc_per_node")
+
+
+def this_process_share(order: torch.Tensor) -> torch.Tensor:
+    """Rank r's part order[r::N] of an order every process drew alike, cut to len(order) // N so that all
+    take the same number of steps, as DDP needs; the up to N - 1 images left over sit the epoch out (the
+    next epoch's permutation leaves out others). One process keeps the whole order."""
+    n = world_size()
+    return order[rank()::n][: len(order) // n]
+
+
+def this_process_part(cache: ImageCache) -> ImageCache:
+    """This process's contiguous part of an evaluation cache; parts differ in size by at most one."""
+    n, r = world_size(), rank()
+    return ImageCache(cache.images.tensor_split(n)[r], cache.labels.tensor_split(n)[r], cache.device)
+
+
+def sum_over_processes(values: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Each value summed over the processes (in float64, so counts stay exact), the same on every one."""
+    totals = [float(value) for value in values]
+    if world_size() == 1:
+        return totals
+    tensor = torch.tensor(totals, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics to every process: DDP sends them before each training step,
+    so after the last one each process holds its own."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Val loss and accuracy of the model rank 0 saves, the same numbers on every process, so all take the
+    same schedule and early-stopping decisions. Under torchrun each process evaluates its part of val
+    (validation time shrinks with the process count like training time) and the sums are added up."""
+    if world_size() == 1:
+        return evaluate(run.forward, run.val, run.criterion, run.eval_batch_size)
+    broadcast_buffers(run.model)
+    part = this_process_part(run.val)
+    loss, accuracy = evaluate(run.forward, part, run.criterion, run.eval_batch_size)
+    loss_sum, hits, count = sum_over_processes([loss * len(part), round(accuracy * len(part)), len(part)],
+                                               run.device)
+    return loss_sum / count, hits / count
+
+
+def seed_dropout_per_process(seed: int) -> None:
+    """Under torchrun, give each process its own dropout masks (torch's global stream) once the model,
+    which starts the same everywhere, is built. One process keeps the stream it has."""
+    if world_size() > 1:
+        torch.manual_seed(seed + 2 + RANK_SEED_STRIDE * rank())
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """Under torchrun, the model in DistributedDataParallel, which starts every process from rank 0's
+    weights and averages the gradients; in one process the model itself."""
+    if world_size() == 1:
+        return model
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def rng_states_of_every_process(run: Run) -> dict[str, Any]:
+    """Under torchrun, each process's random streams (augmentation and dropout differ per process) for the
+    resume file rank 0 writes; nothing more in one process."""
+    if world_size() == 1:
+        return {}
+    states: list[Any] = [None] * world_size()
+    dist.all_gather_object(states, rng_state(run))
+    return {"rng_per_process": states}
+
+
+def restore_rng_of_this_process(run: Run, state: dict[str, Any]) -> None:
+    """This process's random streams from a resume file. Written by as many processes as run now, each
+    continues its own; by another count, only the shuffling (the same in all) continues, and augmentation
+    and dropout keep this run's fresh streams: the processes' shares of the data differ anyway."""
+    states = state.get("rng_per_process", [state["rng"]])
+    if len(states) == world_size():
+        set_rng_state(run, states[rank()])
+        return
+    run.shuffle_rng.set_state(state["rng"]["shuffle"])
+    print(f"the resume file holds the random streams of {len(states)} process(es), not {world_size()}: "
+          "augmentation and dropout continue with fresh ones")
 
 
 # ---------------------------------------------------------------- reports
@@ -1262,6 +1483,8 @@ def check_config(config: Config) -> None:
             raise Galaxy10Error(f"{FLAGS[name][0]} must be at least 1, not {getattr(config, name)}")
     if not config.learning_rate > 0 or config.min_delta < 0:
         raise Galaxy10Error("--lr must be positive and --min-delta not negative")
+    if config.evaluate and launched_by_torchrun():
+        raise Galaxy10Error("--evaluate runs in one process: use `python cnn.py --evaluate`, not torchrun")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1270,7 +1493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.evaluate:
         evaluate_checkpoint(config)
     else:
-        fit(config)
+        with distributed(config):
+            fit(resume_after_restart(config))
 
 
 if __name__ == "__main__":
