@@ -39,6 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_real.json"
 # 555 images leave about 46 training images a class: more epochs than the sample's preset fit in the
 # same minutes, and val loss on 111 images is noisy, so early stopping gets more patience.
 TRAIN_FLAGS = ("--preset", "cpu", "--epochs", "30", "--patience", "10")
+SAMPLE_N = 2000  # make demo's sample
 
 
 def real_images() -> list[tuple[Path, int]]:
@@ -66,6 +67,23 @@ def run_script(*args: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def balanced_sample(folder: Path) -> Path:
+    """The demo's data: the built-in sample as `make demo` makes it, exported and balanced."""
+    run_script(str(ROOT / "sample_data.py"), "--out", str(folder / "sample.h5"), "--n", str(SAMPLE_N))
+    run_script(str(ROOT / "preprocess_and_balancing.py"), "--h5", str(folder / "sample.h5"),
+               "--out", str(folder / "sample"))
+    return folder / "sample"
+
+
+def pretrain(sample: Path, recipe: str, folder: Path) -> tuple[Path, float]:
+    """The demo's model for a recipe (`cnn.py --preset cpu` on the sample, seed 0) and its training time."""
+    model_path = folder / f"{recipe}-sample.pth"
+    seconds = run_script(str(ROOT / "cnn.py"), "--preset", "cpu", "--recipe", recipe, "--seed", "0",
+                         "--train-dir", str(sample / "train"), "--val-dir", str(sample / "val"),
+                         "--model-path", str(model_path))
+    return model_path, seconds
 
 
 def train_and_evaluate(data: Path, recipe: str, seed: int, folder: Path, extra: Sequence[str]) -> dict:
@@ -104,6 +122,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"recipes to compare (default: {' '.join(RECIPES)})")
     parser.add_argument("--split-seed", type=int, default=42,
                         help="seed of preprocess_and_balancing.py's split (default: 42, its own default)")
+    parser.add_argument("--no-pretrain", dest="pretrain", action="store_false",
+                        help="train on the real images from scratch instead of starting from each recipe's "
+                             "demo model (cnn.py --preset cpu on the built-in sample)")
     parser.add_argument("cnn_flags", nargs=argparse.REMAINDER,
                         help=f"after --, more cnn.py flags (it already gets {' '.join(TRAIN_FLAGS)})")
     return parser.parse_args(argv)
@@ -121,19 +142,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         pack_galaxy10(rows, folder / "real.h5")
         run_script(str(ROOT / "preprocess_and_balancing.py"), "--h5", str(folder / "real.h5"),
                    "--out", str(folder / "balanced"), "--seed", str(args.split_seed))
+        start_from: dict[str, list[str]] = {recipe: [] for recipe in args.recipes}
+        pretrain_s = {}
+        if args.pretrain:
+            sample = balanced_sample(folder)
+            for recipe in args.recipes:
+                model_path, pretrain_s[recipe] = pretrain(sample, recipe, folder)
+                start_from[recipe] = ["--init-from", str(model_path)]
+                print(json.dumps({"pretrained": recipe, "train_s": pretrain_s[recipe]}), flush=True)
         runs = []
         for seed in args.seeds:
             for recipe in args.recipes:
-                runs.append(train_and_evaluate(folder / "balanced", recipe, seed, folder, extra))
+                runs.append(train_and_evaluate(folder / "balanced", recipe, seed, folder,
+                                               [*start_from[recipe], *extra]))
                 print(json.dumps(runs[-1]), flush=True)
     rows_out = [("images", f"{len(rows)} real, split 80/20 (seed {args.split_seed})"),
                 ("cnn.py flags", " ".join([*TRAIN_FLAGS, *extra])),
+                ("pre-trained on", f"the built-in sample ({SAMPLE_N} images), training s: "
+                 + ", ".join(f"{r} {s:.0f}" for r, s in pretrain_s.items()) if args.pretrain else "nothing"),
                 ("seeds", " ".join(map(str, args.seeds))), *summary(runs, args.recipes)]
     print()
     for name, value in rows_out:
         print(f"{name:<30}{value:>50}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"runs": runs, "flags": [*TRAIN_FLAGS, *extra]}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"runs": runs, "flags": [*TRAIN_FLAGS, *extra], "pretrain_s": pretrain_s},
+                                  indent=2) + "\n")
     print(f"\nresults written to {RESULTS}")
 
 
