@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -19,6 +20,15 @@ from cnn import CNNModel, checkpoint_metadata, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared sits beside a developer's checkout and CI's clone; a user's clone has none.
 REAL_GALAXY10 = ROOT.parent / "shared" / "real_galaxy10"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """32 px models gain nothing from threads, and OpenMP threads crawl on a CPU other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers and the agent share 
 OUTPUTS = {"m.pth", "m.history.json", "m.curves.png", "m.report.json", "m.confusion.png"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The one-process runs here gain nothing from threads at 32 px, and threads crawl on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_images(root: Path, per_class: int, seed: int, same: bool = False) -> Path:
