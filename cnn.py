@@ -1,7 +1,8 @@
 """DeepCNN-5Block: the model, its input preprocessing, its checkpoints, and its training.
 
     python cnn.py                      # the original configuration: balanced_data/, 256 px
-    python cnn.py --image-size 64      # a CPU-sized profile
+    python cnn.py --preset cpu         # a CPU-sized profile: 64 px, 7 epochs (the demo's)
+    python cnn.py --recipe original    # the original project's initialisation, optimiser and schedule
     python cnn.py --resume             # continue an interrupted run where it stopped
     python cnn.py --init-from model.pth   # fine-tune any checkpoint, the original project's included
     python cnn.py --evaluate --model-path based_on_balanced_data_model.pth   # report only
@@ -1028,8 +1029,8 @@ def epoch_line(run: Run, epoch: int, seconds: float, improved: bool) -> str:
 def run_epoch(run: Run, epoch: int, writer: CheckpointWriter) -> None:
     """Train, validate, schedule, keep the best checkpoint and the resume state, print one line."""
     started = time.perf_counter()
-    lr = run.optimizer.param_groups[0]["lr"]
     train_loss, train_acc = train_one_epoch(run, epoch)
+    lr = run.optimizer.param_groups[0]["lr"]  # where a per-step schedule left it; the plateau's is unchanged
     val_loss, val_acc = validate(run)
     finite(val_loss, "the validation loss", run, epoch)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
