@@ -1,18 +1,26 @@
-"""cnn_use_model.py: input kinds, the model cache, fidelity to the plain model, TTA, Grad-CAM, the CLI."""
+"""cnn_use_model.py: input kinds, the model cache, fidelity to the plain model, TTA, Grad-CAM, the CLI,
+catalogs with shards, torchrun and resume."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import bomb_png, save_model_checkpoint, save_original_checkpoint
+from conftest import ROOT, assert_one_line_error, bomb_png, save_model_checkpoint, save_original_checkpoint
 from PIL import Image
 
 import cnn_use_model as cum
@@ -326,14 +334,16 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
     assert "broken.png" in captured.err and "a.png" in captured.out and "b.JPG" in captured.out
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "class_id", "class_name", "confidence", *CLASS_NAMES]
-    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.JPG"]
+    assert list(rows[0]) == ["path", "class_id", "class_name", "confidence", *CLASS_NAMES, "error"]
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "broken.png", "b.JPG"]
+    broken = rows.pop(1)
+    assert "not a readable image" in broken["error"] and broken["class_id"] == broken["confidence"] == ""
     for row in rows:
         probs = [float(row[name]) for name in CLASS_NAMES]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert row["class_name"] == CLASS_NAMES[int(row["class_id"])]
-        assert float(row["confidence"]) == max(probs)
-    assert not list(tmp_path.glob(".predictions.csv.tmp*"))
+        assert float(row["confidence"]) == max(probs) and row["error"] == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv"]  # no temporary files
 
 
 def test_cli_exact_writes_float32_probabilities(ckpt: Path, tmp_path: Path) -> None:
@@ -411,3 +421,168 @@ def test_real_galaxies_all_get_valid_predictions(ckpt: Path, real_galaxies: list
     for result in results:
         assert isinstance(result, cum.Prediction), result
         assert 0 <= result.class_id < 10 and sum(result.probabilities) == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- catalogs, shards, torchrun, resume
+
+
+def survey_images(folder: Path, n: int, size: int = 40) -> list[str]:
+    """`n` small galaxy PNGs in folder/cutouts, named as a catalog in `folder` names them."""
+    (folder / "cutouts").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(galaxy_array(i, size=size)).save(folder / "cutouts" / f"g{i}.png")
+    return [f"cutouts/g{i}.png" for i in range(n)]
+
+
+def write_catalog(path: Path, columns: dict[str, list]) -> Path:
+    table = pa.table(columns)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(table, path)
+    return path
+
+
+def read_output(path: Path) -> list[dict]:
+    """An output file's rows; a CSV's empty fields as None, like Parquet's nulls."""
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    options = pacsv.ConvertOptions(column_types={"objid": pa.string()}, strings_can_be_null=True)
+    return pacsv.read_csv(path, convert_options=options).to_pylist()
+
+
+@pytest.mark.parametrize("catalog_name, out_name", [("catalog.csv", "preds.parquet"),
+                                                    ("catalog.parquet", "preds.csv")])
+def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Path, catalog_name: str,
+                                                       out_name: str, capsys: pytest.CaptureFixture) -> None:
+    survey = tmp_path / "survey"
+    images = survey_images(survey, 6)
+    (survey / "cutouts" / "notes.png").write_text("not an image")
+    absolute = str(survey / "cutouts" / "g5.png")
+    paths = [*images[:2], "cutouts/missing.png", images[2], "cutouts/notes.png", absolute, "", *images[3:]]
+    # As text in a CSV catalog, the ids keep their leading zeros; Parquet's integers stay integers.
+    ids = [f"{i:06d}" if catalog_name.endswith(".csv") else i for i in range(len(paths))]
+    catalog = write_catalog(survey / catalog_name, {"ra": [1.5] * len(paths), "path": paths, "objid": ids})
+    out = tmp_path / out_name
+    args = [str(catalog), "--model", str(ckpt), "--out", str(out), "--id-column", "objid",
+            "--batch-size", "1", "--chunk-size", "3"]
+    assert run_cli(cum.cli_main, args) == 1  # relative paths resolve from the catalog's folder, not the cwd
+    assert "missing.png not found" in capsys.readouterr().err
+    rows = read_output(out)
+    assert list(rows[0]) == ["objid", "path", "class_id", "class_name", "confidence", *CLASS_NAMES, "error"]
+    assert [r["path"] or "" for r in rows] == paths  # a CSV reads the empty path back as null
+    assert [str(r["objid"]) for r in rows] == [str(i) for i in ids]
+    if out.suffix == ".parquet":
+        assert pq.read_schema(out).field("objid").type == pa.string()
+    for row in rows:
+        if row["path"] in ("cutouts/missing.png", "cutouts/notes.png", "", None):
+            assert row["class_id"] is None and row["confidence"] is None
+            assert any(reason in row["error"] for reason in ("not found", "not a readable image", "is empty"))
+            continue
+        expected = cum.predict(survey / row["path"], ckpt)  # batches of 1 compute exactly what predict does
+        assert row["error"] is None
+        assert (row["class_id"], row["class_name"]) == (expected.class_id, expected.class_name)
+        assert [row["confidence"], *(row[name] for name in CLASS_NAMES)] == [expected.confidence,
+                                                                             *expected.probabilities]
+
+
+def shard_paths(out: Path, shard: cum.Shard) -> list[str]:
+    folder = cum.shard_folder(out, shard)
+    return pa.Table.from_batches(cum.shard_batches(folder, cum.read_progress(folder)))["path"].to_pylist()
+
+
+def test_shards_are_disjoint_and_the_last_merges_them(ckpt: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    paths = survey_images(tmp_path, 11)
+    catalog = write_catalog(tmp_path / "catalog.parquet", {"path": paths, "objid": list(range(100, 111))})
+    common = [str(catalog), "--model", str(ckpt), "--id-column", "objid", "--batch-size", "1",
+              "--chunk-size", "2"]
+    single, sharded = tmp_path / "single.parquet", tmp_path / "sharded.parquet"
+    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 0
+    for index in (2, 0):
+        assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", f"{index}/3"]) == 0
+        assert "the last of the 3 shards to finish writes" in capsys.readouterr().out
+        assert not sharded.exists()
+        assert shard_paths(sharded, cum.Shard(index, 3)) == paths[index::3]
+    assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/3"]) == 0
+    assert f"wrote {sharded} (11 rows)" in capsys.readouterr().out
+    assert pq.read_table(sharded).equals(pq.read_table(single))
+    assert pq.read_schema(sharded).field("objid").type == pa.int64()
+    assert not cum.parts_folder(sharded).exists()
+
+
+def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp_path: Path) -> None:
+    paths = [*survey_images(tmp_path, 9), "cutouts/missing.png"]
+    catalog = write_catalog(tmp_path / "catalog.csv", {"path": paths})
+    common = [str(catalog), "--model", str(ckpt), "--batch-size", "1", "--chunk-size", "2"]
+    single, merged, logs = tmp_path / "single.parquet", tmp_path / "merged.parquet", tmp_path / "logs"
+    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 1
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--log-dir", str(logs), "--redirects", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*torchrun, str(ROOT / "cnn_use_model.py"), *common, "--out", str(merged)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr  # an unreadable row must not make torchrun fail the run
+    assert pq.read_table(merged).equals(pq.read_table(single))
+    stdout = {log.parent.name: log.read_text() for log in logs.rglob("stdout.log")}
+    assert f"wrote {merged} (10 rows)" in stdout["0"]
+    assert "wrote" not in stdout["1"] and f"shard 1/2 done (5 rows); rank 0 writes {merged}" in stdout["1"]
+    assert not cum.parts_folder(merged).exists()
+
+
+def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """SIGKILL after the first chunk is on disk; images large enough that decoding the rest takes a while."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(tmp_path / f"big{i}.png")
+    catalog = write_catalog(tmp_path / "catalog.csv", {"path": [f"big{i % 4}.png" for i in range(48)]})
+    command = [sys.executable, str(ROOT / "cnn_use_model.py"), str(catalog), "--model", str(ckpt),
+               "--chunk-size", "4", "--batch-size", "4"]
+    killed, uninterrupted = tmp_path / "killed.parquet", tmp_path / "uninterrupted.parquet"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*command, "--out", str(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = cum.shard_folder(killed, cum.Shard()) / cum.PROGRESS
+    while not progress.exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    written = cum.read_progress(progress.parent)
+    assert not written["done"] and 4 <= cum.written_rows(written) < 48 and not killed.exists()
+
+    assert run_cli(cum.cli_main, [*command[2:], "--out", str(killed), "--resume", "--tta"]) == 2
+    assert_one_line_error(capsys, "other inputs, model or options", "without --resume")
+    subprocess.run([*command, "--out", str(killed), "--resume"], env=env, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(uninterrupted)], env=env, check=True, capture_output=True)
+    assert pq.read_table(killed).equals(pq.read_table(uninterrupted))
+
+
+@pytest.mark.parametrize("out, args, words", [
+    ("o.parquet", [], ["no column 'path'", "--path-column"]),
+    ("o.parquet", ["--path-column", "file", "--id-column", "objid"], ["no column 'objid'", "--id-column"]),
+    ("o.parquet", ["--path-column", "file", "--shard", "3/2"], ["--shard 3/2", "0 <= I < N"]),
+    ("o.txt", ["--path-column", "file"], ["name a .parquet or .csv file"]),
+    (None, ["--path-column", "file"], ["add --out"]),
+    (None, ["--path-column", "file", "--resume"], ["--resume needs an output file"]),
+], ids=["no-path-column", "unknown-id-column", "shard-3-of-2", "out-suffix", "no-out", "resume-without-out"])
+def test_catalog_bad_input_is_a_one_line_error(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               out: str | None, args: list[str], words: list[str]) -> None:
+    catalog = write_catalog(tmp_path / "catalog.csv", {"file": ["a.png"], "ra": [1.0]})
+    if out is not None:
+        args = [*args, "--out", str(tmp_path / out)]
+    assert run_cli(cum.cli_main, [str(catalog), "--model", str(ckpt), *args]) == 2
+    assert_one_line_error(capsys, *words)
+
+
+def test_catalog_that_is_not_a_table_and_shard_under_torchrun(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_bytes(b"")
+    assert run_cli(cum.cli_main, [str(catalog), "--model", str(ckpt), "--out", str(tmp_path / "o.csv")]) == 2
+    assert_one_line_error(capsys, "catalog.csv is not a readable CSV table")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli(cum.cli_main, [str(catalog), "--out", str(tmp_path / "o.csv"), "--shard", "1/2"]) == 2
+    assert_one_line_error(capsys, "torchrun", "drop --shard")
