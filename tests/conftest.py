@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_GALAXY10 = ROOT.parent / "shared" / "real_galaxy10"
 
 
+def load(path: Path) -> dict:
+    """A checkpoint as plain tensors, loaded the safe way every script loads it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """32 px models gain nothing from threads, and OpenMP threads crawl on a CPU other jobs share."""

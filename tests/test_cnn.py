@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, original_layout, save_original_checkpoint
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    load,
+    original_layout,
+    same_weights,
+    save_original_checkpoint,
+)
 from PIL import Image
 
 import cnn
@@ -64,14 +71,6 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_path = tmp_path_factory.mktemp("run") / "model.pth"
     assert train(tiny_args(data, model_path)) == 0
     return model_path
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def fake_evaluate(losses: list[float]) -> tuple:

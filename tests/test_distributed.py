@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, load, same_weights
 from PIL import Image
 
 import cnn
@@ -74,14 +74,6 @@ def kill_worker_after_first_epoch(agent: subprocess.Popen[str], model_path: Path
         time.sleep(0.02)
     (worker,) = [p for p in psutil.Process(agent.pid).children() if p.environ().get("RANK") == str(rank)]
     os.kill(worker.pid, signal.SIGKILL)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
