@@ -1056,13 +1056,24 @@ def run_epoch(run: Run, epoch: int, writer: CheckpointWriter) -> None:
 def resume_command(config: Config) -> str:
     """The command line that continues this run: every non-default setting, plus --resume."""
     defaults = Config()
-    words = ["python", "cnn.py"]
+    words = ["cnn.py"]
     for name, (flag, _) in FLAGS.items():
         value = getattr(config, name)
         if name in ("resume", "evaluate") or value == getattr(defaults, name):
             continue
         words += [flag] if isinstance(value, bool) else [flag, str(value)]
-    return shlex.join([*words, "--resume"])
+    return f"{launcher()} {shlex.join([*words, '--resume'])}"
+
+
+def launcher() -> str:
+    """How this process was started: python, or torchrun with this run's process counts (on several
+    machines with a placeholder for the rendezvous flags, which the processes cannot see)."""
+    if not launched_by_torchrun():
+        return "python"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    nodes = int(os.environ["WORLD_SIZE"]) // per_node
+    where = "--standalone" if nodes == 1 else f"--nnodes {nodes} <the same rendezvous flags>"
+    return f"torchrun {where} --nproc_per_node {per_node}"
 
 
 def train_epochs(run: Run) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
 import zlib
@@ -38,6 +39,30 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def one_thread_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess of one OpenMP thread each (torchrun's workers and the agent, or
+    a script beside the tests, share a small CI machine); ``extra`` adds variables."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+COLOURS = ((220, 40, 40), (40, 40, 220), (40, 200, 40))
+
+
+def colour_folders(root: Path, classes: tuple[str, ...] = ("0", "1"), per_class: int = 4, seed: int = 0,
+                   same: bool = False) -> Path:
+    """root/<class>/img_i.png: noisy 32 px squares of one clear colour per class, or with same=True one
+    noisy square under every name, so that nothing but the labels tells the images apart."""
+    rng = np.random.default_rng(seed)
+    one = rng.normal(128, 40, (32, 32, 3))
+    for label, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = one if same else np.array(COLOURS[label % len(COLOURS)]) + rng.normal(0, 25, (32, 32, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch
 from conftest import (
     ROOT,
     assert_one_line_error,
+    colour_folders,
     load,
     original_layout,
     same_weights,
@@ -22,9 +23,10 @@ from conftest import (
 from PIL import Image
 
 import cnn
+import preprocess_and_balancing
+import sample_data
 from load_data import CLASS_NAMES, run_cli
 
-COLOURS = ((220, 40, 40), (40, 40, 220), (40, 200, 40))
 CHECKPOINT_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc",
     "architecture", "image_size", "num_classes", "class_names", "preprocessing", "config", "best_epoch",
@@ -34,31 +36,18 @@ CHECKPOINT_KEYS = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_folders(root: Path, classes: tuple[str, ...] = ("0", "1"), per_class: int = 4, seed: int = 0
-                 ) -> Path:
-    """root/<class>/img_i.png: noisy 32 px squares, one clearly different colour per class."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.array(COLOURS[label % len(COLOURS)]) + rng.normal(0, 25, (32, 32, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    make_folders(root / "train", per_class=4, seed=0)
-    make_folders(root / "val", per_class=2, seed=1)
+    colour_folders(root / "train", per_class=4, seed=0)
+    colour_folders(root / "val", per_class=2, seed=1)
     return root
 
 
 def tiny_args(data: Path, model_path: Path, *extra: str) -> list[str]:
     return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
             "--model-path", str(model_path), "--image-size", "32", "--batch-size", "4", "--epochs", "2",
-            "--num-classes", "2", "--workers", "1", "--min-delta", "0", *extra]
+            "--num-classes", "2", "--workers", "1", "--min-delta", "0", "--device", "cpu", *extra]
 
 
 def train(args: list[str]) -> int:
@@ -123,7 +112,7 @@ def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
 
 
 def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path) -> None:
-    make_folders(tmp_path / "ids", classes=("1", "0"), per_class=1)
+    colour_folders(tmp_path / "ids", classes=("1", "0"), per_class=1)
     scan = cnn.scan_image_folder(tmp_path / "ids")
     assert scan.classes == ["0", "1"] and scan.labels == [0, 1]
     assert cnn.class_names_for(scan.classes) == list(CLASS_NAMES[:2])
@@ -182,9 +171,13 @@ def accuracy_after_training(recipe: str, seed: int, epochs: int) -> float:
     return cnn.evaluate(run.model, data, run.criterion, 64)[1]
 
 
-def test_the_default_recipe_learns_an_easy_set_in_a_few_dozen_steps() -> None:
-    # 6 epochs of 8 steps; the original recipe stays near chance (25%) after as many (see the next test).
-    assert accuracy_after_training("default", seed=0, epochs=6) >= 0.9
+def test_the_default_recipe_learns_an_easy_set_that_the_original_does_not() -> None:
+    """The same loop, data, seed and 48 steps for both recipes: the default one learning the set shows that
+    the loop works, so the original's failure is its recipe's (it reached 50% on seeds 0-2)."""
+    default = accuracy_after_training("default", seed=0, epochs=6)
+    original = accuracy_after_training("original", seed=0, epochs=6)
+    assert default >= 0.9
+    assert original <= default - 0.3
 
 
 def test_the_original_recipe_is_reproduced_exactly() -> None:
@@ -202,7 +195,6 @@ def test_the_original_recipe_is_reproduced_exactly() -> None:
     scheduler = run.scheduler
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert (scheduler.factor, scheduler.patience, scheduler.min_lrs) == (0.5, 2, [1e-7])
-    assert accuracy_after_training("original", seed=0, epochs=6) <= 0.6  # it does not learn in that time
 
 
 def test_the_checkpoint_records_its_recipe_and_an_older_one_still_loads(
@@ -214,7 +206,8 @@ def test_the_checkpoint_records_its_recipe_and_an_older_one_still_loads(
     checkpoint = cnn.load_checkpoint(tmp_path / "older.pth")
     assert cnn.checkpoint_recipe(checkpoint) == "original"  # what this project trained with before recipes
     older_path = tmp_path / "older.pth"
-    assert train(["--evaluate", "--model-path", str(older_path), "--val-dir", str(data / "val")]) == 0
+    assert train(["--evaluate", "--model-path", str(older_path), "--val-dir", str(data / "val"),
+                  "--device", "cpu"]) == 0
     assert json.loads(cnn.output_path(older_path, "report.json").read_text())["recipe"] == "original"
 
 
@@ -263,12 +256,14 @@ def test_a_run_writes_a_safe_checkpoint_and_its_reports(trained: Path) -> None:
 
 
 def test_the_same_seed_repeats_the_run(data: Path, trained: Path, tmp_path: Path) -> None:
+    """Exact: the same process, thread count and CPU kernels compute the same run twice."""
     assert train(tiny_args(data, tmp_path / "again.pth")) == 0
     first, again = load(trained), load(tmp_path / "again.pth")
     assert first["train_history"] == again["train_history"]
     assert same_weights(first["model_state_dict"], again["model_state_dict"])
-    assert train(tiny_args(data, tmp_path / "other.pth", "--seed", "7", "--epochs", "1")) == 0
-    assert not same_weights(first["model_state_dict"], load(tmp_path / "other.pth")["model_state_dict"])
+    assert train(tiny_args(data, tmp_path / "other.pth", "--seed", "7")) == 0
+    other = load(tmp_path / "other.pth")
+    assert other["train_history"]["train_loss"] != first["train_history"]["train_loss"]
 
 
 def test_evaluate_flag_reports_on_an_existing_checkpoint(data: Path, trained: Path, tmp_path: Path) -> None:
@@ -276,7 +271,7 @@ def test_evaluate_flag_reports_on_an_existing_checkpoint(data: Path, trained: Pa
     model_path.write_bytes(trained.read_bytes())
     # --image-size is ignored: the checkpoint's own size (32) is used.
     args = ["--evaluate", "--model-path", str(model_path), "--val-dir", str(data / "val"),
-            "--image-size", "64"]
+            "--image-size", "64", "--device", "cpu"]
     assert train(args) == 0
     report = json.loads(cnn.output_path(model_path, "report.json").read_text())
     trained_report = json.loads(cnn.output_path(trained, "report.json").read_text())
@@ -339,6 +334,20 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert not cnn.resume_path(model_path).exists()
 
 
+@pytest.mark.parametrize(("local", "world", "launcher"), [
+    ("2", "2", "torchrun --standalone --nproc_per_node 2"),
+    ("4", "8", "torchrun --nnodes 2 <the same rendezvous flags> --nproc_per_node 4"),
+])
+def test_the_resume_hint_under_torchrun_is_the_torchrun_command(
+    local: str, world: str, launcher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = cnn.parse_config(["--epochs", "5", "--model-path", "my model.pth"])
+    assert cnn.resume_command(config) == "python cnn.py --model-path 'my model.pth' --epochs 5 --resume"
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert cnn.resume_command(config) == f"{launcher} cnn.py --model-path 'my model.pth' --epochs 5 --resume"
+
+
 def test_resume_without_a_resume_file_is_a_one_line_error(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -354,8 +363,8 @@ def data10(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One image per Galaxy10 class: the original's checkpoints always have ten outputs."""
     root = tmp_path_factory.mktemp("data10")
     classes = tuple(str(i) for i in range(len(CLASS_NAMES)))
-    make_folders(root / "train", classes, per_class=1, seed=0)
-    make_folders(root / "val", classes, per_class=1, seed=1)
+    colour_folders(root / "train", classes, per_class=1, seed=0)
+    colour_folders(root / "val", classes, per_class=1, seed=1)
     return root
 
 
@@ -426,7 +435,8 @@ def test_evaluate_flag_reports_on_an_original_checkpoint(
                         ours)
     reports = []
     for path in (original, ours):
-        assert train(["--evaluate", "--model-path", str(path), "--val-dir", str(data10 / "val")]) == 0
+        assert train(["--evaluate", "--model-path", str(path), "--val-dir", str(data10 / "val"),
+                      "--device", "cpu"]) == 0
         reports.append(json.loads(cnn.output_path(path, "report.json").read_text()))
     assert reports[0]["n_samples"] == 10 and reports[0]["epoch"] == 1
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
@@ -441,7 +451,9 @@ def test_init_from_an_original_checkpoint_starts_from_its_weights(
     assert train(galaxy10_args(data10, tmp_path / "tuned.pth", "--init-from", str(original))) == 0
     assert same_weights(load(tmp_path / "tuned.pth")["model_state_dict"], original_model.state_dict())
     assert train(galaxy10_args(data10, tmp_path / "scratch.pth")) == 0
-    assert not same_weights(load(tmp_path / "scratch.pth")["model_state_dict"], original_model.state_dict())
+    torch.manual_seed(42)  # without --init-from: the default recipe's own start for --seed 42
+    fresh = cnn.CNNModel(10, 32, head_init="kaiming")
+    assert same_weights(load(tmp_path / "scratch.pth")["model_state_dict"], fresh.state_dict())
 
 
 def test_init_from_fine_tunes_with_a_fresh_optimiser(data: Path, trained: Path, tmp_path: Path) -> None:
@@ -468,8 +480,9 @@ def test_init_from_at_another_image_size_is_a_one_line_error(
 def bad_tree(case: str, root: Path) -> Path:
     """A data folder with one defect; returns the folder holding train/ and val/."""
     if case != "missing train folder":
-        make_folders(root / "train", per_class=1)
-    make_folders(root / "val", classes=("0", "2") if case == "different classes" else ("0", "1"), per_class=1)
+        colour_folders(root / "train", per_class=1)
+    val_classes = ("0", "2") if case == "different classes" else ("0", "1")
+    colour_folders(root / "val", classes=val_classes, per_class=1)
     if case == "no class folders":
         for path in sorted((root / "train").rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
@@ -507,8 +520,8 @@ def test_bad_settings_exit_2_with_one_line(
 
 
 def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    make_folders(tmp_path / "train", per_class=2)
-    make_folders(tmp_path / "val", per_class=1)
+    colour_folders(tmp_path / "train", per_class=2)
+    colour_folders(tmp_path / "val", per_class=1)
     (tmp_path / "train" / "1" / "img_1.png").write_bytes(b"not a png")
     assert train(tiny_args(tmp_path, tmp_path / "m.pth")) == 2
     assert_one_line_error(capsys, "cannot read image", "img_1.png")
@@ -595,13 +608,15 @@ def test_evaluation_report_matches_a_hand_computed_case() -> None:
 
 
 def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
-    sample_data = pytest.importorskip("sample_data")
-    balancing = pytest.importorskip("preprocess_and_balancing")
     h5 = sample_data.write_sample(tmp_path / "s.h5", n=100, seed=0, image_size=32, workers=1, progress=False)
-    assert run_cli(balancing.main, ["--h5", str(h5), "--out", str(tmp_path / "bal"), "--workers", "1"]) == 0
+    balanced = tmp_path / "bal"
+    balance = ["--h5", str(h5), "--out", str(balanced), "--workers", "1"]
+    assert run_cli(preprocess_and_balancing.main, balance) == 0
     args = ["--train-dir", str(tmp_path / "bal" / "train"), "--val-dir", str(tmp_path / "bal" / "val"),
-            "--model-path", str(tmp_path / "m.pth"), "--image-size", "32", "--epochs", "1", "--workers", "1"]
+            "--model-path", str(tmp_path / "m.pth"), "--image-size", "32", "--epochs", "1", "--workers", "1",
+            "--device", "cpu"]
     assert train(args) == 0
     checkpoint = load(tmp_path / "m.pth")
     assert checkpoint["class_names"] == list(CLASS_NAMES)
-    assert json.loads(cnn.output_path(tmp_path / "m.pth", "report.json").read_text())["n_samples"] > 0
+    report = json.loads(cnn.output_path(tmp_path / "m.pth", "report.json").read_text())
+    assert report["n_samples"] == len(list((balanced / "val").rglob("*.png"))) == 20  # 20% of 100
