@@ -2,8 +2,10 @@
 and shows progress, and a run continues after --resume and after a killed worker (--max-restarts)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,38 +16,24 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, load, same_weights
-from PIL import Image
+from conftest import ROOT, assert_one_line_error, colour_folders, load, one_thread_env, same_weights
 
 import cnn
 from load_data import CLASS_NAMES, run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers and the agent share a small CI machine
+ENV = one_thread_env(PYTHONPATH=str(ROOT))
 OUTPUTS = {"m.pth", "m.history.json", "m.curves.png", "m.report.json", "m.confusion.png"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_images(root: Path, per_class: int, seed: int, same: bool = False) -> Path:
-    """root/{0,1}/img_i.png: noisy red (class 0) and blue (class 1) 32 px squares, or with same=True one
-    noisy square under every name, so that nothing but the labels tells the images apart."""
-    rng = np.random.default_rng(seed)
-    one = rng.normal(128, 40, (32, 32, 3))
-    for label, colour in enumerate(((220, 40, 40), (40, 40, 220))):
-        folder = root / str(label)
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = one if same else np.array(colour) + rng.normal(0, 25, (32, 32, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
-    return root
-
-
 def tiny_args(data: Path, model_path: Path, batch_size: int, epochs: int, *extra: str) -> list[str]:
     return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
             "--model-path", str(model_path), "--image-size", "32", "--batch-size", str(batch_size),
-            "--epochs", str(epochs), "--num-classes", "2", "--workers", "1", "--min-delta", "0", *extra]
+            "--epochs", str(epochs), "--num-classes", "2", "--workers", "1", "--min-delta", "0",
+            "--device", "cpu", *extra]
 
 
 def torchrun_command(args: list[str], restarts: int = 0, log_dir: Path | None = None) -> list[str]:
@@ -72,15 +60,24 @@ def kill_worker_after_first_epoch(agent: subprocess.Popen[str], model_path: Path
         assert agent.poll() is None, "the run ended before its first epoch did"
         assert time.monotonic() < deadline, "no resume file after 240 s"
         time.sleep(0.02)
-    (worker,) = [p for p in psutil.Process(agent.pid).children() if p.environ().get("RANK") == str(rank)]
-    os.kill(worker.pid, signal.SIGKILL)
+    os.kill(worker_pid(agent, rank), signal.SIGKILL)
+
+
+def worker_pid(agent: subprocess.Popen[str], rank: int) -> int:
+    """The pid of torchrun's worker of this rank. Its environment names the rank; a child that exits while
+    it is read (psutil then raises) is not that worker, which is still in its second epoch."""
+    for child in psutil.Process(agent.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+    raise AssertionError(f"torchrun has no worker of rank {rank}")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    write_images(root / "train", per_class=4, seed=0)
-    write_images(root / "val", per_class=2, seed=1)
+    colour_folders(root / "train", per_class=4, seed=0)
+    colour_folders(root / "val", per_class=2, seed=1)
     return root
 
 
@@ -126,8 +123,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path: Path) -> No
     second epoch's loss by 2.5%, hence rtol 0.1; two processes that split the labels otherwise, or do not
     average their gradients, miss it by more than 100%."""
     data = tmp_path / "data"
-    write_images(data / "train", per_class=4, seed=0, same=True)
-    write_images(data / "val", per_class=1, seed=0, same=True)
+    colour_folders(data / "train", per_class=4, seed=0, same=True)
+    colour_folders(data / "val", per_class=1, seed=0, same=True)
     same_start = ["--no-augment", "--no-dropout", "--init-from", str(confident_start(tmp_path / "start.pth"))]
     assert run_cli(cnn.main, tiny_args(data, tmp_path / "one.pth", 4, 2, *same_start)) == 0
     done = torchrun(tiny_args(data, tmp_path / "two.pth", 2, 2, *same_start))
@@ -154,8 +151,10 @@ def test_only_rank_0_writes_files_and_shows_progress(uninterrupted: tuple[Path, 
 
 
 def test_resume_under_torchrun_continues_each_process_exactly(
-    data: Path, uninterrupted: tuple[Path, Path], tmp_path: Path
+    data: Path, uninterrupted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Exact: the resumed processes redo what the uninterrupted ones did, with the same streams, batches and
+    thread counts. The same resume file then continues in one process, with the other random streams."""
     model_path = tmp_path / "m.pth"
     agent = subprocess.Popen(torchrun_command(run_args(data, model_path)), env=ENV, text=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,6 +162,9 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     assert agent.wait(timeout=120) != 0
     state = load(cnn.resume_path(model_path))
     assert state["epoch"] < 3 and len(state["rng_per_process"]) == 2
+    one_process = tmp_path / "one" / "m.pth"
+    one_process.parent.mkdir()
+    shutil.copy(cnn.resume_path(model_path), cnn.resume_path(one_process))
 
     done = torchrun([*run_args(data, model_path), "--resume"])
     assert done.returncode == 0, done.stderr
@@ -171,6 +173,15 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     assert resumed["train_history"] == whole["train_history"]
     assert same_weights(resumed["model_state_dict"], whole["model_state_dict"])
     assert not cnn.resume_path(model_path).exists()
+
+    assert run_cli(cnn.main, [*run_args(data, one_process), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming after epoch {state['epoch']} of 3" in out
+    assert "holds the random streams of 2 process(es), not 1" in out
+    history = load(one_process)["train_history"]
+    assert len(history["val_loss"]) == 3
+    assert {k: v[: state["epoch"]] for k, v in history.items()} == state["train_history"]
+    assert history["train_loss"][state["epoch"]:] != whole["train_history"]["train_loss"][state["epoch"]:]
 
 
 def test_a_killed_worker_is_restarted_from_the_resume_file(
@@ -188,6 +199,50 @@ def test_a_killed_worker_is_restarted_from_the_resume_file(
     resumed, whole = load(model_path), load(uninterrupted[0])
     assert resumed["train_history"] == whole["train_history"]
     assert same_weights(resumed["model_state_dict"], whole["model_state_dict"])
+
+
+# ---------------------------------------------------------------- what each process is given
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]:
+    """Each rank's record from tests/distributed_probe.py under torchrun, and rank 0's weights and val set."""
+    out = tmp_path_factory.mktemp("probe")
+    done = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "distributed_probe.py"), str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    return records, load(out / "rank-0.pt")
+
+
+def test_the_images_left_over_sit_out_an_epoch_and_differ_by_permutation(
+    probe: tuple[list[dict], dict]
+) -> None:
+    """9 images, 2 processes: each epoch's seeded permutation gives rank r its elements r, r + 2, ... up to 4
+    images, so both take as many steps, and the permutation's last image sits that epoch out."""
+    records, _ = probe
+    generator = torch.Generator().manual_seed(3)
+    for epoch in range(3):
+        order = torch.randperm(9, generator=generator).tolist()
+        assert [r["taken"][epoch] for r in records] == [order[0:8:2], order[1:8:2]]
+        assert set(order) - set(records[0]["taken"][epoch]) - set(records[1]["taken"][epoch]) == {order[8]}
+
+
+def test_every_process_gets_the_validation_loss_of_the_model_rank_0_saves(
+    probe: tuple[list[dict], dict]
+) -> None:
+    records, rank_0 = probe
+    assert records[0]["running_means"] != records[1]["running_means"]  # each trained on its own images
+    # Exact: both receive the same all-reduced float64 sums.
+    assert records[0]["val_loss"] == records[1]["val_loss"]
+    assert records[0]["val_accuracy"] == records[1]["val_accuracy"]
+    model = cnn.CNNModel(2, 32)
+    model.load_state_dict(rank_0["model"])
+    val = cnn.ImageCache(rank_0["val_images"], rank_0["val_labels"], torch.device("cpu"))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
+    loss, accuracy = cnn.evaluate(model, val, criterion, batch_size=5)
+    assert records[0]["val_loss"] == pytest.approx(loss, rel=1e-5)  # the sum over two parts, in float32
+    assert records[0]["val_accuracy"] == pytest.approx(accuracy)  # 3 of 5 either way
 
 
 # ---------------------------------------------------------------- settings that need one process or a GPU

@@ -1,0 +1,51 @@
+"""Started by tests/test_distributed.py under torchrun (not a test itself): what each process takes of an
+odd-sized training set, and what validate() gives it after a step that leaves every process's BatchNorm
+statistics different. Writes rank-<r>.json, and rank 0 its weights and val images, into the folder argv[1]."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import cnn
+
+TRAIN_IMAGES = 9  # two processes take 4 each per epoch; one sits out
+EPOCHS = 3
+SEED = 3
+
+
+def shares(train: cnn.ImageCache) -> list[list[int]]:
+    """Per epoch, the ids (labels) of the images this process is given, drawn as training draws them."""
+    generator = torch.Generator().manual_seed(SEED)
+    epochs = range(EPOCHS)
+    return [[int(i) for _, ids in cnn.iterate_batches(train, 2, generator) for i in ids] for _ in epochs]
+
+
+def main(out: Path) -> None:
+    config = cnn.Config(image_size=32, batch_size=2, num_classes=2, device="cpu", seed=SEED, no_dropout=True)
+    cpu = torch.device("cpu")
+    images = torch.randint(0, 256, (TRAIN_IMAGES, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with cnn.distributed(config):
+        taken = shares(cnn.ImageCache(images, torch.arange(TRAIN_IMAGES), cpu))
+        labels = torch.arange(TRAIN_IMAGES) % 2
+        val = cnn.ImageCache(images[:5], labels[:5], cpu)  # 5: the processes' parts differ in size
+        run = cnn.make_run(config, cpu, ["a", "b"], cnn.ImageCache(images, labels, cpu), val)
+        rank = cnn.rank()
+        own = slice(2 * rank, 2 * rank + 2)  # each process trains on images of its own
+        run.forward.train()
+        cnn.train_step(run.forward, run.optimizer, run.criterion, images[own], labels[own], None)
+        own_statistics = [float(b.sum()) for name, b in run.model.named_buffers() if "running_mean" in name]
+        loss, accuracy = cnn.validate(run)
+        if rank == 0:
+            torch.save({"model": run.model.state_dict(), "val_images": val.images, "val_labels": val.labels},
+                       out / "rank-0.pt")
+    result = {"rank": rank, "taken": taken, "val_loss": loss, "val_accuracy": accuracy,
+              "running_means": own_statistics}
+    (out / f"rank-{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
