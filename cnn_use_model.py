@@ -55,10 +55,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from cnn import (
+    DEVICES,
     IMAGE_EXTENSIONS,
     image_to_tensor,
     load_checkpoint,
     model_from_checkpoint,
+    select_device,
     to_model_input,
     to_rgb8,
 )
@@ -282,13 +284,16 @@ def dihedral_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(turns + [turn.flip(3) for turn in turns])
 
 
-_cache: dict[Path, tuple[tuple[int, int], InferenceModel]] = {}
+_cache: dict[tuple[Path, str], tuple[tuple[int, int], InferenceModel]] = {}
 _cache_lock = threading.Lock()
 
 
-def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL) -> InferenceModel:
-    """The prepared model of a checkpoint, loaded once and reused until the file changes."""
+def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto") -> InferenceModel:
+    """The prepared model of a checkpoint on `device` (auto: a GPU where there is one), loaded once and
+    reused until the file changes."""
     path = Path(model_path).resolve()
+    where = select_device(device)
+    key = (path, where.type)
     with _cache_lock:
         try:
             stat = path.stat()
@@ -296,12 +301,11 @@ def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL) -> InferenceM
             load_checkpoint(path)  # raises the Galaxy10Error that says the file is missing
             raise
         stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = _cache.get(path)
+        cached = _cache.get(key)
         if cached is None or cached[0] != stamp:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            checkpoint = load_checkpoint(path, map_location=device)
-            _cache[path] = (stamp, InferenceModel(checkpoint, path.name, device))
-        return _cache[path][1]
+            checkpoint = load_checkpoint(path, map_location=where)
+            _cache[key] = (stamp, InferenceModel(checkpoint, path.name, where))
+        return _cache[key][1]
 
 
 # ---------------------------------------------------------------- predictions
@@ -387,12 +391,13 @@ def iter_predictions(
     batch_size: int = 16,
     top_k: int | None = None,
     exact: bool = False,
+    device: str = "auto",
 ) -> Iterator[Prediction | ImageError]:
     """Predictions in the order of `sources`, read lazily in batches; an unreadable source yields its
     ImageError instead, so one bad file never stops the rest."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    model = load_model(model_path)
+    model = load_model(model_path, device)
     with ThreadPoolExecutor(max_workers=2) as pool:
         for decoded in _decoded_batches(sources, model.image_size, batch_size, pool):
             images = [item for item in decoded if isinstance(item, torch.Tensor)]
@@ -996,14 +1001,18 @@ def finish_output(output: Output, shard_rows: int, schema: pa.Schema, settings: 
 
 
 @contextmanager
-def process_group(output: Output) -> Iterator[None]:
-    """Under torchrun: this rank's GPU, and a gloo group for the barrier before rank 0 merges (no tensor
-    crosses it, so gloo on the CPU serves with or without GPUs)."""
+def process_group(output: Output, device: str) -> Iterator[None]:
+    """Under torchrun: this rank's GPU (LOCAL_RANK) when running on GPUs, and a gloo group for the barrier
+    before rank 0 merges (no tensor crosses it, so gloo on the CPU serves with or without GPUs)."""
     if not output.torchrun:
         yield
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if select_device(device).type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise Galaxy10Error(f"this machine has {torch.cuda.device_count()} GPU(s), one per process: "
+                                "pass a smaller --nproc_per_node to torchrun, or --device cpu")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         yield
@@ -1069,6 +1078,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="float32 throughout: probabilities equal the plain model's, about 2x slower where the "
              "CPU has native bfloat16 (default: off)",
     )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="auto (a GPU where there is one; under torchrun the process's LOCAL_RANK GPU), cpu or cuda "
+             "(default: auto)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1083,14 +1097,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns 1 when any input was unreadable (the rest are still classified)."""
     args = parse_args(argv)
     output = plan_output(args)
-    with process_group(output):
+    with process_group(output, args.device):
         return classify_inputs(args, output)
 
 
 def classify_inputs(args: argparse.Namespace, output: Output) -> int:
     """Check the inputs, classify this process's rows (printing them, or writing them to its shard) and
     merge the shards where this process is the one to."""
-    model = load_model(args.model)
+    model = load_model(args.model, args.device)
     inputs = find_inputs(args.paths, args.path_column, args.id_column)
     for problem in inputs.problems:
         print(f"skipped: {problem}", file=sys.stderr)
@@ -1144,7 +1158,7 @@ def classify_rows(
     to_model, to_output = tee(rows)
     predictions = iter_predictions(
         (row.source for row in to_model), args.model,
-        tta=args.tta, batch_size=args.batch_size, top_k=args.top_k, exact=args.exact,
+        tta=args.tta, batch_size=args.batch_size, top_k=args.top_k, exact=args.exact, device=args.device,
     )
     if table:
         tqdm.write(table.header())
