@@ -1,4 +1,4 @@
-"""DeepCNN-5Block: the model, its input preprocessing, its checkpoints, and its training.
+"""Training: DeepCNN-5Block (models.py) on class folders of galaxy images, with early stopping.
 
     python cnn.py                      # the original configuration: balanced_data/, 256 px
     python cnn.py --preset cpu         # a CPU-sized profile: 64 px, 7 epochs (the demo's)
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -33,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,16 +43,32 @@ from torch import nn
 from torchsummary import summary
 from tqdm import tqdm
 
+from distributed import (
+    DEVICES,
+    from_main_process,
+    is_main_process,
+    join_process_group,
+    launched_by_torchrun,
+    rank,
+    select_device,
+    use_local_gpu,
+    world_size,
+)
 from load_data import CLASS_NAMES, Galaxy10Error, atomic_path, run_cli
+from models import (
+    IMAGE_EXTENSIONS,
+    CNNModel,
+    checkpoint_metadata,
+    checkpoint_recipe,
+    image_to_tensor,
+    load_checkpoint,
+    model_from_checkpoint,
+    output_path,
+    resume_path,
+    save_checkpoint,
+    to_model_input,
+)
 
-ARCHITECTURE = "DeepCNN-5Block"
-# How an image becomes model input; stored in every checkpoint so inference never guesses.
-PREPROCESSING = {"color": "RGB", "resize": "PIL bilinear", "scale": "uint8 / 255"}
-CHANNELS = (32, 64, 128, 256, 512)
-HIDDEN = (2048, 512, 128, 32)
-DROPOUT = (0.4, 0.3, 0.2, 0.1)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 LABEL_SMOOTHING = 0.1
 MAX_GRAD_NORM = 1.0
 LR_FACTOR, LR_PATIENCE, MIN_LR = 0.5, 2, 1e-7
@@ -63,11 +78,9 @@ LOG_EVERY = 20  # batches between progress-bar refreshes (each one waits for the
 EVAL_BATCH_FACTOR_GPU = 4
 GPU_CACHE_SHARE = 0.5  # the image cache may take this share of free GPU memory
 ECE_BINS = 15
-HEAD_INITS = ("normal", "kaiming")
 # Rank r's augmentation and dropout streams start from seed + r * RANK_SEED_STRIDE, far from the
 # seeds a user steps through (42, 43, ...), so no two processes share a stream.
 RANK_SEED_STRIDE = 1000
-T = TypeVar("T")
 
 
 @dataclass
@@ -129,21 +142,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "compile": ("--compile", "torch.compile the model (slow to start, faster steps)"),
     "evaluate": ("--evaluate", "only write the evaluation report of --model-path on --val-dir"),
 }
-DEVICES = ("auto", "cpu", "cuda")
 # Named sets of defaults for --preset. cpu: the 2,000-image built-in sample (2,380 balanced training
 # images) trains in under 5 minutes on 2 cores at about 72 s an epoch (README, "Results"); it is what
 # `make demo` runs without a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 64, "num_epochs": 4, "patience": 3},
 }
-# The original project's checkpoints (its model.pth and based_on_balanced_data_model.pth) hold exactly
-# these keys: no architecture record, and weights named after its nested blocks.
-ORIGINAL_KEYS = frozenset(
-    {"epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc"}
-)
-# The original's features were Sequential(block, MaxPool2d, block, MaxPool2d, ...), each block a
-# Sequential of 3 x (Conv2d, BatchNorm2d, ReLU), so its weights are `features.<2 x block>.<layer>.<param>`.
-NESTED_FEATURE = re.compile(r"(features\.(\d+)\.(\d+))\.\w+")
 
 
 # ---------------------------------------------------------------- the training recipe
@@ -226,228 +230,40 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 # ---------------------------------------------------------------- the model
 
 
-class CNNModel(nn.Module):
-    """Five blocks of three 3x3 conv+BN+ReLU layers and a max-pool, then a five-layer classifier.
-
-    ``head_init`` initialises the classifier's Linear layers: ``"normal"`` is the original's N(0, 0.01);
-    ``"kaiming"`` keeps the signal's scale through the hidden layers (see Recipe).
-    """
-
-    def __init__(self, num_classes: int = 10, image_size: int = 256, head_init: str = "normal") -> None:
-        super().__init__()
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
-        if image_size % 32 or image_size < 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-        self.num_classes = num_classes
-        self.image_size = image_size
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for out_channels in CHANNELS:
-            for _ in range(3):
-                layers += [
-                    nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                    nn.BatchNorm2d(out_channels),
-                    nn.ReLU(inplace=True),
-                ]
-                in_channels = out_channels
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        side = image_size // 2 ** len(CHANNELS)
-        head: list[nn.Module] = [nn.Flatten()]
-        in_features = CHANNELS[-1] * side * side
-        for width, p in zip(HIDDEN, DROPOUT, strict=True):
-            head += [nn.Linear(in_features, width), nn.ReLU(inplace=True), nn.Dropout(p)]
-            in_features = width
-        head.append(nn.Linear(in_features, num_classes))
-        self.classifier = nn.Sequential(*head)
-        self._initialize_weights(head_init)
-
-    def _initialize_weights(self, head_init: str) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-        if head_init == "kaiming":
-            # Hidden layers keep the activations' scale (std sqrt(2 / fan_in) for ReLU); the output
-            # layer keeps N(0, 0.01), so training starts from near-uniform class probabilities.
-            for m in [m for m in self.classifier if isinstance(m, nn.Linear)][:-1]:
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
 
 # ---------------------------------------------------------------- preprocessing
 
 
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """Any ordinary PIL image (greyscale, 16-bit, palette, RGBA, CMYK) as 8-bit RGB."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit and float greyscale: scale the full range down to 8 bits instead of clipping.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        if image.mode == "F":
-            peak = max(float(array.max(initial=0)), 1.0)
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels become black sky, not whatever colour they happened to store.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """The model's input for one image, as uint8 (3, size, size); training and inference share it."""
-    image = to_rgb8(image)
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
-def to_model_input(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1], the only scaling the model was trained with."""
-    return batch.float().div_(255)
 
 
 # ---------------------------------------------------------------- checkpoints and output files
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a checkpoint atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
-) -> dict[str, Any]:
-    """Load one of this project's checkpoints, or the original project's converted to one, safely (no
-    arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise Galaxy10Error(f"checkpoint {path} not found: train one with `python cnn.py`")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # torch raises many types for foreign or damaged files
-        raise Galaxy10Error(
-            f"{path} is not a checkpoint of this project ({type(err).__name__}); "
-            "use a .pth file written by cnn.py"
-        ) from None
-    if isinstance(checkpoint, dict) and checkpoint.keys() == ORIGINAL_KEYS:
-        checkpoint = from_original_checkpoint(checkpoint)
-    if not isinstance(checkpoint, dict) or checkpoint.get("architecture") != ARCHITECTURE:
-        raise Galaxy10Error(
-            f"{path} is not a {ARCHITECTURE} checkpoint written by cnn.py; train one with `python cnn.py`"
-        )
-    return checkpoint
 
 
-def from_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The original project's checkpoint as one of this project's (marked ``"source": "original"``), or
-    None when its weights are not DeepCNN-5Block's.
-
-    The original trained on Galaxy10's classes with this project's preprocessing; its image size is
-    read from the weights.
-    """
-    state = checkpoint["model_state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        return None
-    image_size = image_size_from_classifier(state)
-    if image_size is None:
-        return None
-    with torch.device("meta"):  # names and shapes only: no memory, no initialisation work
-        expected = CNNModel(len(CLASS_NAMES), image_size).state_dict()
-    weights = flatten_feature_names(state, expected)
-    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
-        return None
-    return {
-        **checkpoint,
-        **checkpoint_metadata(image_size),
-        "model_state_dict": weights,
-        "epoch": checkpoint["epoch"] - 1,  # it stored one more than the last epoch, whose weights it kept
-        "source": "original",
-        "recipe": "original",
-    }
 
 
-def image_size_from_classifier(state: dict[str, torch.Tensor]) -> int | None:
-    """The input side a DeepCNN-5Block state implies: the first Linear layer (after the Flatten) reads
-    CHANNELS[-1] maps of (side / 32)^2 cells, so 32768 inputs mean 256 px. None when no side fits."""
-    first_linear = state.get("classifier.1.weight")
-    if first_linear is None or first_linear.dim() != 2:
-        return None
-    cells = first_linear.shape[1] // CHANNELS[-1]
-    side = math.isqrt(cells)
-    if side < 1 or side * side * CHANNELS[-1] != first_linear.shape[1]:
-        return None
-    return side * 2 ** len(CHANNELS)
 
 
-def flatten_feature_names(
-    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``state`` with the original's nested feature layers renamed to this model's flat ones.
-
-    Both list the same conv and BatchNorm layers in network order, so the k-th nested layer with weights
-    becomes the k-th flat one; a state of any other layout keeps names that the caller's check rejects.
-    """
-    nested = sorted({(int(m[2]), int(m[3]), m[1]) for key in state if (m := NESTED_FEATURE.fullmatch(key))})
-    flat = sorted({key.rsplit(".", 1)[0] for key in expected if key.startswith("features.")},
-                  key=lambda name: int(name.split(".")[1]))
-    renamed = {old: new for (_, _, old), new in zip(nested, flat, strict=False)}
-
-    def rename(key: str) -> str:
-        layer, _, param = key.rpartition(".")
-        return f"{renamed.get(layer, layer)}.{param}"
-
-    return {rename(key): value for key, value in state.items()}
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> CNNModel:
-    """Rebuild the trained model, in eval mode, from the checkpoint's own configuration."""
-    model = CNNModel(num_classes=len(checkpoint["class_names"]), image_size=checkpoint["image_size"])
-    model.load_state_dict(checkpoint["model_state_dict"])
-    return model.eval()
 
 
-def checkpoint_metadata(
-    image_size: int, class_names: list[str] | tuple[str, ...] = CLASS_NAMES
-) -> dict[str, Any]:
-    """What inference needs to rebuild the model and its preprocessing without guessing."""
-    return {
-        "architecture": ARCHITECTURE,
-        "image_size": image_size,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "preprocessing": dict(PREPROCESSING),
-    }
 
 
-def checkpoint_recipe(checkpoint: dict[str, Any]) -> str:
-    """The recipe that trained a checkpoint; those written before recipes were recorded used the original."""
-    return checkpoint.get("recipe", "original")
 
 
-def output_path(model_path: str | os.PathLike[str], kind: str) -> Path:
-    """A file beside the checkpoint with the same stem: ``model.pth`` -> ``model.<kind>``."""
-    return Path(model_path).with_suffix(f".{kind}")
 
 
-RESUME_KIND = "resume.pth"
 
 
-def resume_path(model_path: str | os.PathLike[str]) -> Path:
-    return output_path(model_path, RESUME_KIND)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -732,16 +548,6 @@ def augment_batch(
 # ---------------------------------------------------------------- training
 
 
-def select_device(name: str) -> torch.device:
-    """The device to train on; on CUDA, also the fast-kernel settings."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise Galaxy10Error("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device auto")
-    if name == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
-    return torch.device(name)
 
 
 def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -1159,22 +965,12 @@ def fit(config: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------- several processes (torchrun)
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun (or torch.distributed.run) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    """Rank 0 alone shows progress and writes the checkpoint, the resume file and the reports."""
-    return rank() == 0
 
 
 @contextlib.contextmanager
@@ -1184,14 +980,8 @@ def distributed(config: Config) -> Iterator[None]:
     if not launched_by_torchrun():
         yield
         return
-    device = select_device(config.device)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise Galaxy10Error(f"this machine has {torch.cuda.device_count()} GPUs, one per process: "
-                                "pass a smaller --nproc_per_node to torchrun")
-        torch.cuda.set_device(local_rank)
-        join_process_group("nccl", torch.device("cuda", local_rank))
+    if select_device(config.device).type == "cuda":
+        join_process_group("nccl", use_local_gpu())
     elif config.sync_bn:
         raise Galaxy10Error("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
                             "drop it on CPU")
@@ -1206,24 +996,8 @@ def distributed(config: Config) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def join_process_group(backend: str, device_id: torch.device | None = None) -> None:
-    """init_process_group from torchrun's environment, each attempt under keys of its own: torchrun's agent
-    keeps its store across --max-restarts and the process group's keys name no attempt, so a restarted
-    group would otherwise connect to the addresses of the one that died."""
-    store, process_rank, process_count = next(dist.rendezvous("env://"))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend, store=store, rank=process_rank, world_size=process_count,
-                            device_id=device_id)
 
 
-def from_main_process(value: T) -> T:
-    """Rank 0's value, on every process."""
-    if world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def resume_after_restart(config: Config) -> Config:

@@ -1,5 +1,5 @@
-"""Classify galaxy images with a checkpoint written by cnn.py: one image, folders, a Galaxy10 .h5 file,
-or a catalog (a CSV or Parquet table of image paths).
+"""Inference: classify galaxy images with a checkpoint written by cnn.py (or the original project): one
+image, folders, a Galaxy10 .h5 file, or a catalog (a CSV or Parquet table of image paths).
 
     python cnn_use_model.py galaxy.jpg                       # the original: one image, one class name
     python cnn_use_model.py images/ --out predictions.csv    # every image under a folder
@@ -16,55 +16,58 @@ nearly tied are recomputed in float32. The top class matched float32 on all 60 r
 on the 64 px demo model it differed on 2 of 460 near ties, so `exact=True` (`--exact`) is there for
 results that must equal float32's.
 
-Output files are written shard by shard (`--shard I/N`, or one shard per torchrun process) into a hidden
-folder beside `--out`, durably after every chunk of rows, so `--resume` continues a killed run; the
-finished shards are then interleaved back into input order and written to `--out` in chunks.
+Here: reading images (`open_image`), the prepared model (`InferenceModel`, `load_model`), `predict`,
+`main`, Grad-CAM, and the command line. The network and its preprocessing come from models.py; output
+files (`--out`, `--shard`, `--resume`, catalogs) are catalog.py's, given this module's classifying function.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import io
-import json
 import os
-import re
-import shutil
 import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from itertools import islice, tee
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from matplotlib import colormaps
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from cnn import (
-    DEVICES,
+from catalog import (
+    CATALOG_SUFFIXES,
+    DEFAULT_CHUNK_ROWS,
+    Catalog,
+    Output,
+    Row,
+    file_identity,
+    open_catalog,
+    output_schema,
+    plan_output,
+    process_group,
+    write_predictions,
+)
+from distributed import DEVICES, select_device
+from load_data import Galaxy10Error, run_cli
+from models import (
     IMAGE_EXTENSIONS,
     image_to_tensor,
     load_checkpoint,
     model_from_checkpoint,
-    select_device,
     to_model_input,
     to_rgb8,
 )
-from load_data import Galaxy10Error, atomic_path, run_cli
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
 # 40 megapixels is a 6,300 px square, far beyond any survey cutout; the decoded RGB is 120 MB.
@@ -76,13 +79,6 @@ H5_CHUNK_ROWS = 64
 # 64 px demo model that recomputes 31% of images and halves the changed top-1 classes (4 -> 2 of 460);
 # making the margin wide enough to remove the last ones would recompute most images.
 NEAR_TIE = 0.03
-CATALOG_SUFFIXES = (".csv", ".parquet")
-OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
-CATALOG_BATCH_ROWS = 65_536  # catalog rows read at once: a few MB of paths, whatever the table's size
-DEFAULT_CHUNK_ROWS = 1024
-# Far above torch.distributed's default 30 minutes: a resumed rank with little left to do may wait
-# hours at the barrier for the others.
-BARRIER_TIMEOUT = timedelta(days=7)
 
 Source = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -470,16 +466,6 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45
 # ---------------------------------------------------------------- command line: what to classify
 
 
-@dataclass(frozen=True)
-class Row:
-    """One input: its name in the output, what to decode, its catalog id, and its (file, row) in an .h5."""
-
-    name: str
-    source: Source
-    id: Any = None
-    h5_row: tuple[H5Input, int] | None = None
-
-
 @dataclass
 class H5Input:
     """A Galaxy10-format file: its `images` rows are classified; `ans`, where present, scores them."""
@@ -526,68 +512,6 @@ def _is_image_stack(dataset: object) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Catalog:
-    """A CSV or Parquet table naming an image per row, read in batches (it may hold 10^8 rows).
-
-    Relative paths are taken from the table's folder, so a catalog moves with its images."""
-
-    path: Path
-    path_column: str
-    id_field: pa.Field | None  # the --id-column, carried into the output with its type
-    rows: int | None  # from a Parquet footer; a CSV file is not counted in advance
-
-    def entries(self) -> Iterator[Row]:
-        folder = self.path.parent
-        for batch in self._batches():
-            paths = batch.column(self.path_column).to_pylist()
-            ids = batch.column(self.id_field.name).to_pylist() if self.id_field else [None] * len(paths)
-            for value, ident in zip(paths, ids, strict=True):
-                yield Row(value or "", folder / value if value else "", ident)
-
-    def _batches(self) -> Iterator[pa.RecordBatch]:
-        columns = list(dict.fromkeys([self.path_column, *([self.id_field.name] if self.id_field else [])]))
-        try:
-            if self.path.suffix.lower() == ".parquet":
-                yield from pq.ParquetFile(self.path).iter_batches(CATALOG_BATCH_ROWS, columns=columns)
-            else:
-                # Read as text, so that an id keeps its leading zeros and a path is never parsed as a number.
-                types = dict.fromkeys(columns, pa.string())
-                options = pacsv.ConvertOptions(include_columns=columns, column_types=types)
-                yield from pacsv.open_csv(self.path, convert_options=options)
-        except (pa.ArrowException, OSError) as err:
-            raise Galaxy10Error(f"{self.path} cannot be read ({err}): check the table") from None
-
-
-def open_catalog(path: Path, path_column: str, id_column: str | None) -> Catalog:
-    """Check a catalog's columns from its header (CSV) or footer (Parquet), reading none of its rows."""
-    is_parquet = path.suffix.lower() == ".parquet"
-    try:
-        if is_parquet:
-            file = pq.ParquetFile(path)
-            schema, rows = file.schema_arrow, file.metadata.num_rows
-        else:
-            with pacsv.open_csv(path) as reader:
-                schema, rows = reader.schema, None
-    except (pa.ArrowException, OSError) as err:
-        kind = "Parquet" if is_parquet else "CSV"
-        raise Galaxy10Error(f"{path} is not a readable {kind} table ({err})") from None
-    columns = ", ".join(schema.names[:10]) + (", ..." if len(schema.names) > 10 else "")
-    if path_column not in schema.names:
-        raise Galaxy10Error(f"{path} has no column {path_column!r} (it has {columns}): "
-                            "name its column of image paths with --path-column")
-    path_type = schema.field(path_column).type
-    if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
-        raise Galaxy10Error(f"{path}: column {path_column!r} holds {path_type}, not image paths: "
-                            "name its column of image paths with --path-column")
-    if id_column is None:
-        return Catalog(path, path_column, None, rows)
-    if id_column not in schema.names:
-        raise Galaxy10Error(f"{path} has no column {id_column!r} for --id-column (it has {columns})")
-    id_type = schema.field(id_column).type if is_parquet else pa.string()
-    return Catalog(path, path_column, pa.field(id_column, id_type), rows)
-
-
 @dataclass
 class Inputs:
     """Everything the command line was asked to classify, in order."""
@@ -599,7 +523,7 @@ class Inputs:
         for source in self.sources:
             if isinstance(source, H5Input):
                 for row, image in enumerate(source.images()):
-                    yield Row(source.row_name(row), image, h5_row=(source, row))
+                    yield Row(source.row_name(row), image, tag=(source, row))
             elif isinstance(source, Catalog):
                 yield from source.entries()
             else:
@@ -655,118 +579,6 @@ def find_inputs(paths: Sequence[str], path_column: str = "path", id_column: str 
     return inputs
 
 
-# ---------------------------------------------------------------- command line: shards, chunks, resume
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Rows index, index + count, index + 2 count, ...: row k belongs to shard k % count."""
-
-    index: int = 0
-    count: int = 1
-
-    def select(self, rows: Iterable[Row], skip: int = 0) -> Iterator[Row]:
-        """This shard's rows, less its first `skip` (written by an earlier run)."""
-        return islice(rows, self.index + skip * self.count, None, self.count)
-
-    def size(self, total: int | None) -> int | None:
-        """How many of `total` rows are this shard's."""
-        return None if total is None else len(range(self.index, total, self.count))
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-def parse_shard(text: str) -> Shard:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if match is None or int(match[1]) >= int(match[2]):
-        raise Galaxy10Error(
-            f"--shard {text}: give I/N with 0 <= I < N, e.g. --shard 0/4 to --shard 3/4 "
-            "(in a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
-        )
-    return Shard(int(match[1]), int(match[2]))
-
-
-@dataclass(frozen=True)
-class Output:
-    """Where this process's predictions go: the file, its format, and the shard this process writes."""
-
-    path: Path | None
-    fmt: str  # "parquet" or "csv"
-    shard: Shard
-    torchrun: bool  # the shards are torchrun's processes: they meet at a barrier, then rank 0 merges
-    resume: bool
-    chunk_rows: int
-
-    @property
-    def folder(self) -> Path:
-        """This shard's folder, in the hidden folder beside the output file."""
-        return shard_folder(self.path, self.shard)
-
-
-def plan_output(args: argparse.Namespace) -> Output:
-    """The output file, its format and this process's shard, checked before anything is loaded."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    if world > 1 and args.shard:
-        raise Galaxy10Error("under torchrun a process's shard is its RANK of WORLD_SIZE: drop --shard")
-    shard = Shard(int(os.environ["RANK"]), world) if world > 1 else parse_shard(args.shard or "0/1")
-    path, fmt = output_file(args)
-    if path is None and (world > 1 or args.resume):
-        raise Galaxy10Error(f"{'--resume' if args.resume else 'torchrun'} needs an output file: "
-                            "add --out predictions.parquet")
-    # Whole batches per chunk: a resumed run then batches images as an uninterrupted one, so computes
-    # the same rows to the last bit.
-    chunk_rows = -(-args.chunk_size // args.batch_size) * args.batch_size
-    return Output(path, fmt, shard, world > 1, args.resume, chunk_rows)
-
-
-def output_file(args: argparse.Namespace) -> tuple[Path | None, str]:
-    if args.csv is not None and args.out is not None:
-        raise Galaxy10Error("give --out or --csv, not both (--csv FILE is --out FILE written as CSV)")
-    path = args.out if args.out is not None else args.csv
-    if path is None:
-        return None, ""
-    fmt = "csv" if args.csv is not None else OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise Galaxy10Error(f"--out {path}: name a .parquet or .csv file")
-    if not path.parent.is_dir():
-        raise Galaxy10Error(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise Galaxy10Error(f"--out {path} is a folder: name a .parquet or .csv file")
-    return path, fmt
-
-
-def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None) -> pa.Schema:
-    """One row per input: the catalog's id (with --id-column), the path, the prediction, every class's
-    probability, and why the input could not be read (null where it could)."""
-    fields = [
-        pa.field("path", pa.string()),
-        pa.field("class_id", pa.int64()),
-        pa.field("class_name", pa.string()),
-        pa.field("confidence", pa.float64()),
-        *(pa.field(name, pa.float64()) for name in class_names),
-        pa.field("error", pa.string()),
-    ]
-    if id_field is None:
-        return pa.schema(fields)
-    if id_field.name in (field.name for field in fields):
-        raise Galaxy10Error(f"--id-column {id_field.name!r} is also the name of an output column: "
-                            "rename it in the catalog")
-    return pa.schema([id_field, *fields])
-
-
-def output_record(row: Row, result: Prediction | ImageError, id_column: str | None) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": row.name}
-    if id_column is not None:
-        record[id_column] = row.id
-    if isinstance(result, ImageError):
-        record["error"] = str(result)
-    else:
-        record.update(class_id=result.class_id, class_name=result.class_name, confidence=result.confidence)
-        record.update(zip(result.class_names, result.probabilities, strict=True))
-    return record
-
-
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What decides the predictions: shards written with other settings are never resumed or merged."""
     return {
@@ -777,247 +589,6 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "tta": args.tta,
         "exact": args.exact,
     }
-
-
-def file_identity(path: str | os.PathLike[str]) -> list[Any]:
-    """The resolved path and, for a file, its size and modification time: a changed file is another input."""
-    resolved = Path(path).resolve()
-    if not resolved.is_file():
-        return [str(resolved)]
-    stat = resolved.stat()
-    return [str(resolved), stat.st_size, stat.st_mtime_ns]
-
-
-PROGRESS = "progress.json"
-MERGE_CLAIM = "merging"
-MERGE_ROWS = 65_536  # rows per block written to the output: a Parquet row group of ~10 MB
-
-
-def parts_folder(out: Path) -> Path:
-    """The hidden folder beside `out` where its shards are written until they are merged into it."""
-    return out.parent / f".{out.name}.parts"
-
-
-def shard_folder(out: Path, shard: Shard) -> Path:
-    return parts_folder(out) / f"shard-{shard.index}-of-{shard.count}"
-
-
-def read_progress(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / PROGRESS).read_text())
-    except FileNotFoundError:
-        return None
-
-
-def written_rows(progress: dict[str, Any]) -> int:
-    return sum(rows for _, rows in progress["segments"])
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` by `data`, on disk before the rename: after a crash it holds the old or the new."""
-    with atomic_path(path) as tmp, tmp.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-class ShardWriter:
-    """One shard's predictions, made durable a chunk at a time: a killed run loses at most one chunk.
-
-    Each run appends one Arrow IPC record batch per chunk to a segment file of its own and fsyncs it; then
-    progress.json, replaced atomically, counts each segment's rows, so a segment cut short by a kill is
-    read only up to its last complete chunk. A rerun with `resume` skips the rows already counted.
-    """
-
-    def __init__(self, output: Output, schema: pa.Schema, settings: dict[str, Any]) -> None:
-        self.folder, self.schema, self.settings = output.folder, schema, settings
-        self.chunk_rows = output.chunk_rows
-        earlier = read_progress(self.folder)
-        if not output.resume:
-            if earlier is not None and written_rows(earlier):
-                print(f"starting over: {written_rows(earlier):,} rows that an earlier run wrote for shard "
-                      f"{output.shard} are discarded (--resume continues them)", file=sys.stderr)
-            shutil.rmtree(self.folder, ignore_errors=True)
-            earlier = None
-        elif earlier is not None and earlier["settings"] != settings:
-            raise Galaxy10Error(f"{self.folder} was written with other inputs, model or options: "
-                                "rerun without --resume to start over")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.segments: list[list[Any]] = earlier["segments"] if earlier else []  # [file name, rows]
-        self.rows_before = self.rows
-        name = f"segment-{len(self.segments):04d}.arrow"
-        self.segments.append([name, 0])
-        self._file = (self.folder / name).open("wb")
-        self._writer = pa.ipc.new_stream(self._file, schema)
-        self._pending: list[dict[str, Any]] = []
-
-    @property
-    def rows(self) -> int:
-        """Rows on disk, this run's and earlier runs'."""
-        return sum(rows for _, rows in self.segments)
-
-    def add(self, record: dict[str, Any]) -> None:
-        self._pending.append(record)
-        if len(self._pending) == self.chunk_rows:
-            self._flush()
-
-    def finish(self) -> int:
-        """Write the last chunk and mark the shard done; returns its rows."""
-        if self._pending:
-            self._flush()
-        self.close()
-        self._save(done=True)
-        return self.rows
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._writer.close()
-            self._file.close()
-
-    def _flush(self) -> None:
-        self._writer.write_table(pa.Table.from_pylist(self._pending, schema=self.schema))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.segments[-1][1] += len(self._pending)
-        self._pending = []
-        self._save(done=False)
-
-    def _save(self, done: bool) -> None:
-        progress = {"settings": self.settings, "segments": self.segments, "done": done}
-        write_durably(self.folder / PROGRESS, json.dumps(progress).encode())
-
-
-def shard_batches(folder: Path, progress: dict[str, Any]) -> Iterator[pa.RecordBatch]:
-    """A finished shard's rows in order: each segment up to the rows its progress.json counts."""
-    for name, rows in progress["segments"]:
-        if rows == 0:
-            continue  # a run killed before its first chunk: the file may not even hold the schema
-        with pa.OSFile(str(folder / name)) as file:
-            reader = pa.ipc.open_stream(file)
-            while rows > 0:  # never past the counted rows: a killed run's torn chunk may follow them
-                batch = reader.read_next_batch()
-                rows -= batch.num_rows
-                yield batch
-
-
-class RowBlocks:
-    """A shard's rows served `n` at a time, whatever the chunks they were written in."""
-
-    def __init__(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> None:
-        self._batches = batches
-        self._buffer = schema.empty_table()
-
-    def take(self, n: int) -> pa.Table:
-        while self._buffer.num_rows < n and (batch := next(self._batches, None)) is not None:
-            self._buffer = pa.concat_tables([self._buffer, pa.Table.from_batches([batch])])
-        taken, self._buffer = self._buffer.slice(0, n), self._buffer.slice(n)
-        return taken
-
-
-def interleave(blocks: list[pa.Table]) -> pa.Table:
-    """One block from each shard as rows in input order: row j of shard i is row j * N + i."""
-    starts = np.cumsum([0] + [len(block) for block in blocks[:-1]])
-    position = np.arange(sum(len(block) for block in blocks))
-    return pa.concat_tables(blocks).take(starts[position % len(blocks)] + position // len(blocks))
-
-
-@contextmanager
-def table_writer(path: Path, schema: pa.Schema, fmt: str) -> Iterator[pq.ParquetWriter | pacsv.CSVWriter]:
-    """A Parquet or CSV file written a table at a time (in Parquet, a row group per table)."""
-    writer = pq.ParquetWriter(str(path), schema) if fmt == "parquet" else pacsv.CSVWriter(str(path), schema)
-    try:
-        yield writer
-    finally:
-        writer.close()
-
-
-def merge_shards(output: Output, schema: pa.Schema, settings: dict[str, Any]) -> int:
-    """Interleave the finished shards back into input order and write them to the output file a block at
-    a time, then remove them; returns the rows written. Memory holds one block, whatever the input's size."""
-    count = output.shard.count
-    folders = [shard_folder(output.path, Shard(i, count)) for i in range(count)]
-    progress = [finished_progress(folder, settings) for folder in folders]
-    sizes = [written_rows(p) for p in progress]
-    if sizes != [Shard(i, count).size(sum(sizes)) for i in range(count)]:
-        raise Galaxy10Error(f"the shards in {parts_folder(output.path)} do not add up (rows: {sizes}): "
-                            "rerun them without --resume")
-    readers = [RowBlocks(shard_batches(f, p), schema) for f, p in zip(folders, progress, strict=True)]
-    rows_per_shard = max(1, MERGE_ROWS // count)
-    with atomic_path(output.path) as tmp, table_writer(tmp, schema, output.fmt) as writer:
-        while (blocks := [reader.take(rows_per_shard) for reader in readers])[0].num_rows:
-            writer.write_table(interleave(blocks))
-    shutil.rmtree(parts_folder(output.path), ignore_errors=True)
-    return sum(sizes)
-
-
-def finished_progress(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    progress = read_progress(folder)
-    if progress is None or not progress["done"]:
-        raise Galaxy10Error(f"{folder} is not finished: run its shard again with --resume")
-    if progress["settings"] != settings:
-        raise Galaxy10Error(f"{folder} was written with other inputs, model or options: "
-                            "run its shard again without --resume")
-    return progress
-
-
-def shards_done(output: Output) -> bool:
-    count = output.shard.count
-    progress = [read_progress(shard_folder(output.path, Shard(i, count))) for i in range(count)]
-    return all(p is not None and p["done"] for p in progress)
-
-
-def claim_merge(out: Path) -> bool:
-    """Whether this process is the one to merge (the last shards of a SLURM array may finish together)."""
-    try:
-        os.close(os.open(parts_folder(out) / MERGE_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
-
-
-def finish_output(output: Output, shard_rows: int, schema: pa.Schema, settings: dict[str, Any]) -> None:
-    """Merge the shards into the output file if this process is the one to, else say who will."""
-    if output.torchrun:
-        dist.barrier()  # every rank has finished its shard
-        all_done = merging = output.shard.index == 0
-    else:
-        all_done = shards_done(output)
-        merging = all_done and claim_merge(output.path)
-    if merging:
-        try:
-            rows = merge_shards(output, schema, settings)
-        finally:
-            (parts_folder(output.path) / MERGE_CLAIM).unlink(missing_ok=True)
-        print(f"wrote {output.path} ({rows:,} rows)")
-        return
-    done = f"shard {output.shard} done ({shard_rows:,} rows)"
-    if output.torchrun:
-        print(f"{done}; rank 0 writes {output.path}")
-    elif all_done:
-        claim = parts_folder(output.path) / MERGE_CLAIM
-        print(f"{done}; another process is writing {output.path} (if none is, delete {claim} and rerun)")
-    else:
-        print(f"{done}; the last of the {output.shard.count} shards to finish writes {output.path}")
-
-
-@contextmanager
-def process_group(output: Output, device: str) -> Iterator[None]:
-    """Under torchrun: this rank's GPU (LOCAL_RANK) when running on GPUs, and a gloo group for the barrier
-    before rank 0 merges (no tensor crosses it, so gloo on the CPU serves with or without GPUs)."""
-    if not output.torchrun:
-        yield
-        return
-    if select_device(device).type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise Galaxy10Error(f"this machine has {torch.cuda.device_count()} GPU(s), one per process: "
-                                "pass a smaller --nproc_per_node to torchrun, or --device cpu")
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- command line: the program
@@ -1096,14 +667,15 @@ def _positive(text: str) -> int:
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns 1 when any input was unreadable (the rest are still classified)."""
     args = parse_args(argv)
-    output = plan_output(args)
+    output = plan_output(args.out, csv=args.csv, shard=args.shard, resume=args.resume,
+                         chunk_size=args.chunk_size, batch_size=args.batch_size)
     with process_group(output, args.device):
         return classify_inputs(args, output)
 
 
 def classify_inputs(args: argparse.Namespace, output: Output) -> int:
-    """Check the inputs, classify this process's rows (printing them, or writing them to its shard) and
-    merge the shards where this process is the one to."""
+    """Check the inputs, then classify this process's rows: printed, or (with --out) written to its shard
+    by catalog.write_predictions, which merges the shards where this process is the one to."""
     model = load_model(args.model, args.device)
     inputs = find_inputs(args.paths, args.path_column, args.id_column)
     for problem in inputs.problems:
@@ -1113,27 +685,17 @@ def classify_inputs(args: argparse.Namespace, output: Output) -> int:
                             "or a catalog")
     if inputs.catalog is not None and output.path is None:
         raise Galaxy10Error("a catalog's predictions go to a file: add --out predictions.parquet (or .csv)")
-    schema = output_schema(model.class_names, inputs.catalog and inputs.catalog.id_field)
-    settings = run_settings(args)
     table = None if inputs.catalog else ResultTable(inputs.names(), model.class_names)
-    parts = ShardWriter(output, schema, settings) if output.path else None
-    skip = parts.rows_before if parts else 0
-    rows = output.shard.select(inputs.rows(), skip)
-    try:
-        total = output.shard.size(inputs.count())
-        with tqdm(total=total, initial=skip, unit="img", desc="classifying") as bar:
-            failures = len(inputs.problems) + classify_rows(rows, args, table, parts, bar)
-        if parts:
-            finish_output(output, parts.finish(), schema, settings)
-    except KeyboardInterrupt:
-        if parts is None:
-            raise
-        print(f"interrupted: the {parts.rows:,} rows written are kept: add --resume to continue",
-              file=sys.stderr)
-        return 130
-    finally:
-        if parts:
-            parts.close()
+    classify = RowClassifier(args, output.shard.size(inputs.count()), table)
+    if output.path is None:
+        for _ in classify(output.shard.select(inputs.rows()), 0):
+            pass
+    else:
+        schema = output_schema(model.class_names, inputs.catalog and inputs.catalog.id_field)
+        settings = run_settings(args)
+        if not write_predictions(output, inputs.rows(), classify, schema, settings, args.id_column):
+            return 130
+    failures = len(inputs.problems) + classify.failures
     return final_report(inputs, model.class_names, failures, output.torchrun)
 
 
@@ -1149,34 +711,41 @@ def final_report(inputs: Inputs, class_names: Sequence[str], failures: int, torc
     return 0 if torchrun else 1
 
 
-def classify_rows(
-    rows: Iterator[Row], args: argparse.Namespace, table: ResultTable | None, parts: ShardWriter | None,
-    bar: tqdm,
-) -> int:
-    """Predict `rows` in order: print each in `table`, add each to `parts`, note .h5 rows' classes;
-    returns how many were unreadable."""
-    to_model, to_output = tee(rows)
-    predictions = iter_predictions(
-        (row.source for row in to_model), args.model,
-        tta=args.tta, batch_size=args.batch_size, top_k=args.top_k, exact=args.exact, device=args.device,
-    )
-    if table:
-        tqdm.write(table.header())
-    failures = 0
-    for row, result in zip(to_output, predictions, strict=True):
-        bar.update()
-        if parts:
-            parts.add(output_record(row, result, args.id_column))
+@dataclass
+class RowClassifier:
+    """The command line's classifying function, which catalog.write_predictions is given: predicts rows in
+    order with a progress bar, prints each in `table`, notes .h5 rows' classes, counts the unreadable."""
+
+    args: argparse.Namespace
+    total: int | None  # rows of this shard, where known in advance
+    table: ResultTable | None
+    failures: int = 0
+
+    def __call__(self, rows: Iterator[Row], done: int) -> Iterator[tuple[Row, Prediction | ImageError]]:
+        to_model, to_output = tee(rows)
+        args = self.args
+        predictions = iter_predictions(
+            (row.source for row in to_model), args.model, tta=args.tta, batch_size=args.batch_size,
+            top_k=args.top_k, exact=args.exact, device=args.device,
+        )
+        if self.table:
+            tqdm.write(self.table.header())
+        with tqdm(total=self.total, initial=done, unit="img", desc="classifying") as bar:
+            for row, result in zip(to_output, predictions, strict=True):
+                bar.update()
+                self.show(row, result)
+                yield row, result
+
+    def show(self, row: Row, result: Prediction | ImageError) -> None:
         if isinstance(result, ImageError):
-            failures += 1
+            self.failures += 1
             tqdm.write(f"unreadable: {result}", file=sys.stderr)
-            continue
-        if table:
-            tqdm.write(table.row(row.name, result))
-        if row.h5_row is not None:
-            h5, index = row.h5_row
+            return
+        if self.table:
+            tqdm.write(self.table.row(row.name, result))
+        if row.tag is not None:  # an .h5 file's row, scored against its `ans` at the end
+            h5, index = row.tag
             h5.predicted[index] = result.class_id
-    return failures
 
 
 class ResultTable:

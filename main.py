@@ -40,7 +40,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cnn import RESUME_KIND, load_checkpoint, to_rgb8
 from cnn_use_model import (
     ImageError,
     ImageTooLargeError,
@@ -51,6 +50,7 @@ from cnn_use_model import (
     predict,
 )
 from load_data import Galaxy10Error, run_cli
+from models import RESUME_KIND, load_checkpoint, to_rgb8
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cnn_use_model  # noqa: E402
-from cnn import (  # noqa: E402
+from models import (  # noqa: E402
     CNNModel,
     checkpoint_metadata,
     image_to_tensor,

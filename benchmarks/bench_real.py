@@ -34,8 +34,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cnn import RECIPES, output_path  # noqa: E402
+from cnn import RECIPES  # noqa: E402
 from load_data import META_FIELDS, run_cli  # noqa: E402
+from models import output_path  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 REAL_FOLDERS = ("real_galaxy10", "real_galaxy10_mini")

@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from cnn import CNNModel, checkpoint_metadata, save_checkpoint  # noqa: E402
+from models import CNNModel, checkpoint_metadata, save_checkpoint  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 MODEL_NAME = "based_on_balanced_data_model"

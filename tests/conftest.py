@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn import CNNModel, checkpoint_metadata, save_checkpoint
+from models import CNNModel, checkpoint_metadata, save_checkpoint, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared sits beside a developer's checkout and CI's clone; a user's clone has none.
 REAL_GALAXY10 = ROOT.parent / "shared" / "real_galaxy10"
+SIZE = 32  # the side of the tests' models: fast on any CPU
 
 
 def load(path: Path) -> dict:
@@ -149,6 +150,13 @@ def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {original_name(key): value for key, value in state.items()}
 
 
+@pytest.fixture(scope="module")
+def original_model() -> CNNModel:
+    """A seeded 32 px model whose weights the original-checkpoint tests save in the original's layout."""
+    torch.manual_seed(3)
+    return CNNModel(image_size=32)
+
+
 def save_original_checkpoint(path: Path, state: dict[str, torch.Tensor], val_acc: float = 0.0) -> Path:
     """Save this project's weights as the original project's cnn.py saved its model after one epoch."""
     payload = {
@@ -170,6 +178,41 @@ def biased_checkpoint(path: Path, bias: tuple[float, ...], val_acc: float = 0.0)
     with torch.no_grad():
         model.classifier[-1].bias.copy_(torch.tensor(bias))
     return save_model_checkpoint(path, model, val_acc)
+
+
+def spread_checkpoint(path: Path, seed: int = 0, size: int = SIZE, centred: bool = True) -> Path:
+    """A random checkpoint whose last layer is rescaled so that logits spread over a few units, as a
+    trained model's do (a freshly initialised one gives every class 0.1000, which would hide any error).
+    `centred` also removes the logits' mean over images, so that different images get different classes
+    even at 32 px, where a random network's features hardly depend on the image."""
+    torch.manual_seed(seed)
+    model = CNNModel(image_size=size).eval()
+    probe = torch.from_numpy(np.stack([galaxy_array(s, size) for s in range(16)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(to_model_input(probe))
+        mean = logits.mean(dim=0) if centred else torch.zeros(logits.shape[1])
+        scale = 3.0 / (logits - mean).std()
+        model.classifier[-1].weight.mul_(scale)
+        model.classifier[-1].bias.copy_(-mean * scale)
+    return save_model_checkpoint(path, model)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32 px spread_checkpoint that the inference and catalog tests of a module share."""
+    return spread_checkpoint(tmp_path_factory.mktemp("model") / "model.pth")
+
+
+def galaxy_array(seed: int, size: int = SIZE) -> np.ndarray:
+    """A synthetic, asymmetric blob (so rotations change the plain prediction) as uint8 (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    cx, cy = rng.uniform(0.3, 0.7, size=2)
+    sx, sy = rng.uniform(0.05, 0.2, size=2)
+    blob = np.exp(-((x - cx) ** 2 / sx**2 + (y - cy) ** 2 / sy**2))
+    rgb = blob[..., None] * rng.uniform(120, 255, size=3) + rng.normal(0, 8, size=(size, size, 3))
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
 
 
 def bomb_png(width: int, height: int) -> bytes:

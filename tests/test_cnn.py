@@ -23,6 +23,7 @@ from conftest import (
 from PIL import Image
 
 import cnn
+import models
 import preprocess_and_balancing
 import sample_data
 from load_data import CLASS_NAMES, run_cli
@@ -76,12 +77,6 @@ def fake_evaluate(losses: list[float]) -> tuple:
 # ---------------------------------------------------------------- model and command line
 
 
-def test_model_has_the_original_size_and_takes_other_sizes() -> None:
-    assert sum(p.numel() for p in cnn.CNNModel().parameters()) == 76_091_946
-    for size in (32, 64, 96):
-        assert cnn.CNNModel(10, size).eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        cnn.CNNModel(10, 48)
 
 
 def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,32 +118,8 @@ def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path
 # ---------------------------------------------------------------- the training recipe
 
 
-def head_signal(model: cnn.CNNModel, x: torch.Tensor) -> list[float]:
-    """RMS of the classifier's input, then of each of its Linear layers' outputs (the last: the logits)."""
-    h = torch.flatten(model.features(x), 1)
-    rms = [h.pow(2).mean().sqrt().item()]
-    for layer in model.classifier[1:]:
-        h = layer(h)
-        if isinstance(layer, torch.nn.Linear):
-            rms.append(h.pow(2).mean().sqrt().item())
-    return rms
 
 
-@pytest.mark.parametrize("size", [32, 64])
-@torch.no_grad()
-def test_the_default_initialisation_keeps_the_heads_signal_and_the_original_loses_it(size: int) -> None:
-    torch.manual_seed(0)
-    x = torch.rand(16, 3, size, size)
-    default = head_signal(cnn.CNNModel(10, size, head_init="kaiming").eval(), x)
-    original = head_signal(cnn.CNNModel(10, size).eval(), x)
-    # Kaiming's fan-in scaling keeps a ReLU layer's second moment (He et al. 2015); over 16 images and
-    # random weights each hidden layer stays within 2x of the head's input.
-    assert all(0.5 < rms / default[0] < 2 for rms in default[1:-1])
-    # The output layer stays N(0, 0.01): logits about 0.01 x sqrt(32) = 0.06 of the last hidden layer,
-    # small enough for near-uniform first predictions, large enough not to vanish.
-    assert 0.01 < default[-1] / default[-2] < 0.2
-    # The original's N(0, 0.01) hidden layers shrink the signal over a thousandfold before the logits.
-    assert original[-1] / original[0] < 1e-3
 
 
 def colour_cache(per_class: int, seed: int) -> cnn.ImageCache:
@@ -372,34 +343,8 @@ def galaxy10_args(data10: Path, model_path: Path, *extra: str) -> list[str]:
     return tiny_args(data10, model_path, "--num-classes", "10", "--epochs", "1", *extra)
 
 
-@pytest.fixture(scope="module")
-def original_model() -> cnn.CNNModel:
-    torch.manual_seed(3)
-    return cnn.CNNModel(image_size=32)
 
 
-def test_an_original_checkpoint_loads_as_one_of_this_projects(
-    original_model: cnn.CNNModel, tmp_path: Path
-) -> None:
-    path = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict(), val_acc=0.84)
-    assert "features.2.0.weight" in load(path)["model_state_dict"]  # the original's nested names
-    checkpoint = cnn.load_checkpoint(path)
-    assert checkpoint["source"] == "original" and checkpoint["architecture"] == cnn.ARCHITECTURE
-    assert (checkpoint["image_size"], checkpoint["class_names"]) == (32, list(CLASS_NAMES))
-    assert checkpoint["preprocessing"] == cnn.PREPROCESSING
-    assert (checkpoint["epoch"], checkpoint["final_val_acc"]) == (1, 0.84)
-    assert same_weights(checkpoint["model_state_dict"], original_model.state_dict())
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(cnn.model_from_checkpoint(checkpoint)(x), original_model.eval()(x))
-
-
-@pytest.mark.parametrize("size", [256, 64])
-def test_the_first_linear_layers_width_gives_the_image_size(size: int) -> None:
-    with torch.device("meta"):  # shapes only: a 256 px model would take 304 MB
-        state = original_layout(cnn.CNNModel(image_size=size).state_dict())
-    assert state["classifier.1.weight"].shape[1] == 512 * (size // 32) ** 2  # 32768 at 256 px
-    checkpoint = cnn.from_original_checkpoint({"epoch": 3, "model_state_dict": state})
-    assert checkpoint is not None and checkpoint["image_size"] == size
 
 
 def original_with(state: dict[str, torch.Tensor]) -> dict:
@@ -423,7 +368,7 @@ def test_files_like_the_originals_with_other_weights_are_one_line_errors(
     path = tmp_path / "foreign.pth"
     torch.save(original_with(state), path)
     assert train(["--evaluate", "--model-path", str(path)]) == 2
-    assert_one_line_error(capsys, "foreign.pth", f"is not a {cnn.ARCHITECTURE} checkpoint")
+    assert_one_line_error(capsys, "foreign.pth", f"is not a {models.ARCHITECTURE} checkpoint")
 
 
 def test_evaluate_flag_reports_on_an_original_checkpoint(

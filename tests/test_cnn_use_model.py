@@ -1,78 +1,30 @@
-"""cnn_use_model.py: input kinds, the model cache, fidelity to the plain model, TTA, Grad-CAM, the CLI,
-catalogs with shards, torchrun and resume."""
+"""cnn_use_model.py: input kinds, the model cache, fidelity to the plain model, TTA, Grad-CAM, the CLI for
+images, folders and .h5 files (catalogs and output files: test_catalog.py)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
-    ROOT,
-    assert_one_line_error,
+    SIZE,
     bomb_png,
-    one_thread_env,
-    save_model_checkpoint,
+    galaxy_array,
     save_original_checkpoint,
+    spread_checkpoint,
 )
 from PIL import Image
 
 import cnn_use_model as cum
-from cnn import (
-    CNNModel,
-    image_to_tensor,
-    model_from_checkpoint,
-    to_model_input,
-)
 from load_data import CLASS_NAMES, Galaxy10Error, run_cli
-
-SIZE = 32
-
-
-def write_checkpoint(path: Path, seed: int = 0, size: int = SIZE, centred: bool = True) -> Path:
-    """A random checkpoint whose last layer is rescaled so that logits spread over a few units, as a
-    trained model's do (a freshly initialised one gives every class 0.1000, which would hide any error).
-    `centred` also removes the logits' mean over images, so that different images get different classes
-    even at 32 px, where a random network's features hardly depend on the image."""
-    torch.manual_seed(seed)
-    model = CNNModel(image_size=size).eval()
-    probe = torch.from_numpy(np.stack([galaxy_array(s, size) for s in range(16)])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        logits = model(to_model_input(probe))
-        mean = logits.mean(dim=0) if centred else torch.zeros(logits.shape[1])
-        scale = 3.0 / (logits - mean).std()
-        model.classifier[-1].weight.mul_(scale)
-        model.classifier[-1].bias.copy_(-mean * scale)
-    return save_model_checkpoint(path, model)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("model") / "model.pth")
-
-
-def galaxy_array(seed: int, size: int = SIZE) -> np.ndarray:
-    """A synthetic, asymmetric blob (so rotations change the plain prediction) as uint8 (H, W, 3)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    cx, cy = rng.uniform(0.3, 0.7, size=2)
-    sx, sy = rng.uniform(0.05, 0.2, size=2)
-    blob = np.exp(-((x - cx) ** 2 / sx**2 + (y - cy) ** 2 / sy**2))
-    rgb = blob[..., None] * rng.uniform(120, 255, size=3) + rng.normal(0, 8, size=(size, size, 3))
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -151,7 +103,7 @@ def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, in
 def ckpt64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 px and not centred: as in a trained model, the logits' differences are not a tiny part of
     large activations (which bfloat16 could not resolve)."""
-    return write_checkpoint(tmp_path_factory.mktemp("model64") / "m64.pth", size=64, centred=False)
+    return spread_checkpoint(tmp_path_factory.mktemp("model64") / "m64.pth", size=64, centred=False)
 
 
 @pytest.fixture
@@ -286,11 +238,11 @@ def test_foreign_checkpoints_raise_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_model_is_cached_and_reloaded_when_the_file_changes(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path / "m.pth", seed=1)
+    path = spread_checkpoint(tmp_path / "m.pth", seed=1)
     first = cum.load_model(path)
     assert cum.load_model(str(path)) is first
     before = cum.predict(galaxy_array(6), path).probabilities
-    write_checkpoint(path, seed=2)
+    spread_checkpoint(path, seed=2)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     second = cum.load_model(path)
     assert second is not first and cum.load_model(path) is second
@@ -476,217 +428,3 @@ def test_real_galaxies_all_get_valid_predictions(ckpt: Path, real_galaxies: list
     for result in results:
         assert isinstance(result, cum.Prediction), result
         assert 0 <= result.class_id < 10 and sum(result.probabilities) == pytest.approx(1.0, abs=1e-6)
-
-
-# ---------------------------------------------------------------- catalogs, shards, torchrun, resume
-
-
-def survey_images(folder: Path, n: int, size: int = 40) -> list[str]:
-    """`n` small galaxy PNGs in folder/cutouts, named as a catalog in `folder` names them."""
-    (folder / "cutouts").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(galaxy_array(i, size=size)).save(folder / "cutouts" / f"g{i}.png")
-    return [f"cutouts/g{i}.png" for i in range(n)]
-
-
-def write_catalog(path: Path, columns: dict[str, list]) -> Path:
-    table = pa.table(columns)
-    if path.suffix == ".parquet":
-        pq.write_table(table, path)
-    else:
-        pacsv.write_csv(table, path)
-    return path
-
-
-def read_output(path: Path) -> list[dict]:
-    """An output file's rows; a CSV's empty fields as None, like Parquet's nulls."""
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    options = pacsv.ConvertOptions(column_types={"objid": pa.string()}, strings_can_be_null=True)
-    return pacsv.read_csv(path, convert_options=options).to_pylist()
-
-
-@pytest.mark.parametrize("catalog_name, out_name", [("catalog.csv", "preds.parquet"),
-                                                    ("catalog.parquet", "preds.csv")])
-def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Path, catalog_name: str,
-                                                       out_name: str, capsys: pytest.CaptureFixture) -> None:
-    survey = tmp_path / "survey"
-    images = survey_images(survey, 6)
-    (survey / "cutouts" / "notes.png").write_text("not an image")
-    absolute = str(survey / "cutouts" / "g5.png")
-    paths = [*images[:2], "cutouts/missing.png", images[2], "cutouts/notes.png", absolute, "", *images[3:]]
-    # As text in a CSV catalog, the ids keep their leading zeros; Parquet's integers stay integers.
-    ids = [f"{i:06d}" if catalog_name.endswith(".csv") else i for i in range(len(paths))]
-    catalog = write_catalog(survey / catalog_name, {"ra": [1.5] * len(paths), "path": paths, "objid": ids})
-    out = tmp_path / out_name
-    args = [str(catalog), "--model", str(ckpt), "--out", str(out), "--id-column", "objid",
-            "--batch-size", "1", "--chunk-size", "3"]
-    assert run_cli(cum.cli_main, args) == 1  # relative paths resolve from the catalog's folder, not the cwd
-    assert "missing.png not found" in capsys.readouterr().err
-    rows = read_output(out)
-    assert list(rows[0]) == ["objid", "path", "class_id", "class_name", "confidence", *CLASS_NAMES, "error"]
-    assert [r["path"] or "" for r in rows] == paths  # a CSV reads the empty path back as null
-    assert [str(r["objid"]) for r in rows] == [str(i) for i in ids]
-    if out.suffix == ".parquet":
-        assert pq.read_schema(out).field("objid").type == pa.string()
-    for row in rows:
-        if row["path"] in ("cutouts/missing.png", "cutouts/notes.png", "", None):
-            assert row["class_id"] is None and row["confidence"] is None
-            assert any(reason in row["error"] for reason in ("not found", "not a readable image", "is empty"))
-            continue
-        expected = cum.predict(survey / row["path"], ckpt)  # batches of 1 compute exactly what predict does
-        assert row["error"] is None
-        assert (row["class_id"], row["class_name"]) == (expected.class_id, expected.class_name)
-        assert [row["confidence"], *(row[name] for name in CLASS_NAMES)] == [expected.confidence,
-                                                                             *expected.probabilities]
-
-
-def shard_paths(out: Path, shard: cum.Shard) -> list[str]:
-    folder = cum.shard_folder(out, shard)
-    return pa.Table.from_batches(cum.shard_batches(folder, cum.read_progress(folder)))["path"].to_pylist()
-
-
-def test_shards_are_disjoint_and_the_last_merges_them(ckpt: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    paths = survey_images(tmp_path, 11)
-    catalog = write_catalog(tmp_path / "catalog.parquet", {"path": paths, "objid": list(range(100, 111))})
-    common = [str(catalog), "--model", str(ckpt), "--id-column", "objid", "--batch-size", "1",
-              "--chunk-size", "2"]
-    single, sharded = tmp_path / "single.parquet", tmp_path / "sharded.parquet"
-    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 0
-    for index in (2, 0):
-        assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", f"{index}/3"]) == 0
-        assert "the last of the 3 shards to finish writes" in capsys.readouterr().out
-        assert not sharded.exists()
-        assert shard_paths(sharded, cum.Shard(index, 3)) == paths[index::3]
-    assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/3"]) == 0
-    assert f"wrote {sharded} (11 rows)" in capsys.readouterr().out
-    # Exact: batches of one image compute each row alone, in this process, as the single run did.
-    assert pq.read_table(sharded).equals(pq.read_table(single))
-    assert pq.read_schema(sharded).field("objid").type == pa.int64()
-    assert not cum.parts_folder(sharded).exists()
-
-
-def test_chunks_are_whole_batches(ckpt: Path, tmp_path: Path) -> None:
-    """--chunk-size 5 with batches of 4 writes chunks of 8 rows, so a resumed run batches as an
-    uninterrupted one did."""
-    catalog = write_catalog(tmp_path / "catalog.csv", {"path": survey_images(tmp_path, 21)})
-    out = tmp_path / "preds.parquet"
-    args = [str(catalog), "--model", str(ckpt), "--out", str(out), "--batch-size", "4", "--chunk-size", "5",
-            "--shard", "0/2"]  # shard 1 never runs, so the chunks stay in the parts folder to be read
-    assert run_cli(cum.cli_main, args) == 0
-    folder = cum.shard_folder(out, cum.Shard(0, 2))
-    assert [batch.num_rows for batch in cum.shard_batches(folder, cum.read_progress(folder))] == [8, 3]
-
-
-def test_a_merge_that_died_is_finished_by_a_rerun_once_its_claim_is_deleted(
-    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    catalog = write_catalog(tmp_path / "catalog.parquet", {"path": survey_images(tmp_path, 5)})
-    common = [str(catalog), "--model", str(ckpt), "--batch-size", "1"]
-    single, sharded = tmp_path / "single.parquet", tmp_path / "sharded.parquet"
-    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 0
-    assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "0/2"]) == 0
-    claim = cum.parts_folder(sharded) / cum.MERGE_CLAIM
-    claim.touch()  # as left by a merging process that was killed
-    assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/2"]) == 0
-    assert f"if none is, delete {claim} and rerun" in capsys.readouterr().out
-    assert not sharded.exists()
-    claim.unlink()
-    assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/2", "--resume"]) == 0
-    assert f"wrote {sharded} (5 rows)" in capsys.readouterr().out
-    # Exact: batches of one image compute each row alone, in this process, as the single run did.
-    assert pq.read_table(sharded).equals(pq.read_table(single))
-    assert not cum.parts_folder(sharded).exists()
-
-
-def assert_same_predictions(table: pa.Table, reference: pa.Table) -> None:
-    """Same schema, rows, ids, paths, classes and errors; probabilities equal to float32 rounding. Another
-    batching of the same images (shards batch other rows together) may move them in the last bits: 1e-6
-    was seen; a wrong row or model would move them by far more than 1e-5."""
-    assert table.schema == reference.schema and table.num_rows == reference.num_rows
-    floats = [name for name in table.column_names if pa.types.is_floating(table.schema.field(name).type)]
-    for name in table.column_names:
-        if name in floats:
-            np.testing.assert_allclose(table[name].to_numpy(zero_copy_only=False),
-                                       reference[name].to_numpy(zero_copy_only=False), rtol=0, atol=1e-5)
-        else:
-            assert table[name].to_pylist() == reference[name].to_pylist(), name
-
-
-def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp_path: Path) -> None:
-    paths = [*survey_images(tmp_path, 9), "cutouts/missing.png"]
-    catalog = write_catalog(tmp_path / "catalog.csv", {"path": paths})
-    common = [str(catalog), "--model", str(ckpt), "--batch-size", "1", "--chunk-size", "2", "--device", "cpu"]
-    single, merged, logs = tmp_path / "single.parquet", tmp_path / "merged.parquet", tmp_path / "logs"
-    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 1
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--log-dir", str(logs), "--redirects", "3"]
-    result = subprocess.run([*torchrun, str(ROOT / "cnn_use_model.py"), *common, "--out", str(merged)],
-                            capture_output=True, text=True, timeout=300, env=one_thread_env())
-    assert result.returncode == 0, result.stderr  # an unreadable row must not make torchrun fail the run
-    assert_same_predictions(pq.read_table(merged), pq.read_table(single))
-    stdout = {log.parent.name: log.read_text() for log in logs.rglob("stdout.log")}
-    assert f"wrote {merged} (10 rows)" in stdout["0"]
-    assert "wrote" not in stdout["1"] and f"shard 1/2 done (5 rows); rank 0 writes {merged}" in stdout["1"]
-    assert not cum.parts_folder(merged).exists()
-
-
-def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
-    """SIGKILL after the first chunk is on disk; images large enough that decoding the rest takes a while."""
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(tmp_path / f"big{i}.png")
-    catalog = write_catalog(tmp_path / "catalog.csv", {"path": [f"big{i % 4}.png" for i in range(48)]})
-    command = [sys.executable, str(ROOT / "cnn_use_model.py"), str(catalog), "--model", str(ckpt),
-               "--chunk-size", "4", "--batch-size", "4"]
-    killed, uninterrupted = tmp_path / "killed.parquet", tmp_path / "uninterrupted.parquet"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([*command, "--out", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = cum.shard_folder(killed, cum.Shard()) / cum.PROGRESS
-    while not progress.exists() and process.poll() is None:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    written = cum.read_progress(progress.parent)
-    assert not written["done"] and 4 <= cum.written_rows(written) < 48 and not killed.exists()
-
-    assert run_cli(cum.cli_main, [*command[2:], "--out", str(killed), "--resume", "--tta"]) == 2
-    assert_one_line_error(capsys, "other inputs, model or options", "without --resume")
-    subprocess.run([*command, "--out", str(killed), "--resume"], env=env, check=True, capture_output=True)
-    subprocess.run([*command, "--out", str(uninterrupted)], env=env, check=True, capture_output=True)
-    # Exact: the same command and thread count; chunks are whole batches, so the resumed run batched every
-    # row with the same others as the uninterrupted one.
-    assert pq.read_table(killed).equals(pq.read_table(uninterrupted))
-
-
-@pytest.mark.parametrize("out, args, words", [
-    ("o.parquet", [], ["no column 'path'", "--path-column"]),
-    ("o.parquet", ["--path-column", "file", "--id-column", "objid"], ["no column 'objid'", "--id-column"]),
-    ("o.parquet", ["--path-column", "file", "--shard", "3/2"], ["--shard 3/2", "0 <= I < N"]),
-    ("o.txt", ["--path-column", "file"], ["name a .parquet or .csv file"]),
-    (None, ["--path-column", "file"], ["add --out"]),
-    (None, ["--path-column", "file", "--resume"], ["--resume needs an output file"]),
-], ids=["no-path-column", "unknown-id-column", "shard-3-of-2", "out-suffix", "no-out", "resume-without-out"])
-def test_catalog_bad_input_is_a_one_line_error(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               out: str | None, args: list[str], words: list[str]) -> None:
-    catalog = write_catalog(tmp_path / "catalog.csv", {"file": ["a.png"], "ra": [1.0]})
-    if out is not None:
-        args = [*args, "--out", str(tmp_path / out)]
-    assert run_cli(cum.cli_main, [str(catalog), "--model", str(ckpt), *args]) == 2
-    assert_one_line_error(capsys, *words)
-
-
-def test_catalog_that_is_not_a_table_and_shard_under_torchrun(
-    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_bytes(b"")
-    assert run_cli(cum.cli_main, [str(catalog), "--model", str(ckpt), "--out", str(tmp_path / "o.csv")]) == 2
-    assert_one_line_error(capsys, "catalog.csv is not a readable CSV table")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert run_cli(cum.cli_main, [str(catalog), "--out", str(tmp_path / "o.csv"), "--shard", "1/2"]) == 2
-    assert_one_line_error(capsys, "torchrun", "drop --shard")
