@@ -376,10 +376,11 @@ def _exit_with_parent() -> None:
     when its parent is SIGKILLed (an out-of-memory killer, a scheduler), and so does the resource
     tracker, which ends only when every process holding its pipe has ended."""
     # multiprocessing gives each child the read end of a pipe whose only write end the parent holds
-    # until it reaps the child, so the pipe reads as closed the moment the parent dies, of any cause
-    # and on any OS. prctl(PR_SET_PDEATHSIG) is Linux-only and fires when the *thread* that started
-    # the worker ends (ProcessPoolExecutor may start workers from its manager thread); polling
-    # getppid() would add a delay and a loop. Already dead by now? Then join returns at once.
+    # until it has joined the child, so the pipe reads as closed the moment the parent dies, of any
+    # cause and on any OS. Not prctl(PR_SET_PDEATHSIG): it is Linux-only, and it fires when the
+    # *thread* that started the worker ends, while a pool starts workers from whichever thread
+    # submits (and replacements from its manager thread). Not polling getppid(): a delay and a loop.
+    # Was the parent dead before this thread started? Then join returns at once.
     parent = multiprocessing.parent_process()
     if parent is not None:
         parent.join()
