@@ -1,6 +1,7 @@
 # Two commands from a fresh clone: `make demo` and `make test`. Each sets up .venv itself.
-# `make -f path/to/Makefile -C somewhere demo` (or pipeline, serve) writes the data, the model and
-# the sample in `somewhere`; the scripts, requirements and .venv are always the project's.
+# `make -f path/to/Makefile -C somewhere demo` (or pipeline, serve) reads Galaxy10_DECals.h5 and
+# writes the sample, the data and the model in `somewhere`; the scripts, the requirements and .venv
+# are always the project's.
 MAKEFILE := $(abspath $(lastword $(MAKEFILE_LIST)))
 ROOT     := $(dir $(MAKEFILE))
 PYTHON ?= python3

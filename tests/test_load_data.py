@@ -1,4 +1,5 @@
-"""load_data.py: the split, the export, the manifest, memory, and every bad input."""
+"""load_data.py: the split, the export, the manifest, memory, killed runs (of every script's process pool),
+and every bad input."""
 from __future__ import annotations
 
 import contextlib
@@ -225,8 +226,9 @@ def test_a_run_killed_mid_way_leaves_no_process_and_the_next_run_cleans_up(name:
         survivors = [repr(p) for p in pool if not ended(p)]
     finally:
         for process in pool:  # never leave orphans of the test running, whatever happened
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+            if not ended(process):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
     assert survivors == [], "still running 10 s after their parent was killed"
     leftover = tmp_path / run.leftover.format(pid=killed.pid)
     assert leftover.exists()
