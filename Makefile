@@ -1,8 +1,11 @@
 # Two commands from a fresh clone: `make demo` and `make test`. Each sets up .venv itself.
-# `make -f path/to/Makefile -C somewhere pipeline` runs the demo's steps with outputs in `somewhere`.
-ROOT   := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
+# `make -f path/to/Makefile -C somewhere demo` (or pipeline, serve) reads Galaxy10_DECals.h5 and
+# writes the sample, the data and the model in `somewhere`; the scripts, the requirements and .venv
+# are always the project's.
+MAKEFILE := $(abspath $(lastword $(MAKEFILE_LIST)))
+ROOT     := $(dir $(MAKEFILE))
 PYTHON ?= python3
-VENV   ?= .venv
+VENV   ?= $(ROOT).venv
 PY     ?= $(VENV)/bin/python
 
 # The demo: the real file when it is here, else the built-in sample; a CPU profile without a GPU.
@@ -19,22 +22,22 @@ DEV     := $(VENV)/.dev-installed
 .PHONY: help demo pipeline serve test lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-$(RUNTIME): requirements.txt
+$(RUNTIME): $(ROOT)requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r $(ROOT)requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+$(DEV): $(RUNTIME) $(ROOT)requirements-dev.txt
+	$(PY) -m pip install -q -r $(ROOT)requirements-dev.txt
 	touch $@
 
 demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> train -> web page
 	@$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT) --check-port
-	@$(MAKE) --no-print-directory pipeline PY=$(PY)
-	@$(MAKE) --no-print-directory serve PY=$(PY)
+	@$(MAKE) -f $(MAKEFILE) --no-print-directory pipeline PY=$(PY)
+	@$(MAKE) -f $(MAKEFILE) --no-print-directory serve PY=$(PY)
 
 pipeline:  ## the demo's data and training steps, without the web page
 	@set -e; \

@@ -14,7 +14,9 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -208,12 +210,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary name beside ``path`` to write; renamed onto ``path`` only if the block succeeds,
     so a crash never leaves a truncated file under the real name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
 
 
 def process_alive(pid: int) -> bool:
@@ -227,19 +233,48 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned_stages(out: Path) -> None:
-    """Delete the hidden folders of exports into ``out`` that were killed (SIGKILL, a time limit),
-    which no cleanup could run for; a folder whose export is still running is left alone."""
-    prefix = f".{out.name}.partial-"
-    abandoned = []
-    for stage in out.parent.iterdir():
-        pid = stage.name.removeprefix(prefix)
-        if stage.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stage, ignore_errors=True)
-            abandoned.append(stage.name)
-    if abandoned:
-        killed = "an export that was killed" if len(abandoned) == 1 else "exports that were killed"
-        print(f"removed {', '.join(sorted(abandoned))} from {out.parent}, left by {killed}")
+def abandoned(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` named ``prefix`` + the id of a process that has ended, by name: what runs
+    that were killed (SIGKILL, a time limit) left, since no cleanup of theirs could run. An entry of a
+    run still in progress is never among them."""
+    found = []
+    for entry in folder.iterdir():
+        pid = entry.name.removeprefix(prefix)
+        if entry.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
+            found.append(entry)
+    return sorted(found)
+
+
+def say_removed(names: list[str], folder: Path, killed_run: str, killed_runs: str) -> None:
+    """One line naming what was removed from ``folder`` and which killed run(s) left it."""
+    if names:
+        by = f"{killed_run} that was killed" if len(names) == 1 else f"{killed_runs} that were killed"
+        print(f"removed {', '.join(names)} from {folder}, left by {by}")
+
+
+def remove_abandoned_temporaries(path: Path) -> None:
+    """Delete the temporary files that killed runs of atomic_path(path) left beside ``path``."""
+    temporaries = abandoned(path.parent, _temporary_prefix(path))
+    for tmp in temporaries:
+        tmp.unlink(missing_ok=True)
+    say_removed([tmp.name for tmp in temporaries], path.parent, "a run", "runs")
+
+
+def clean_up_killed_exports(out: Path) -> None:
+    """Undo what exports into ``out`` that were killed left behind: delete their hidden stage folders,
+    and finish a replacement of ``out`` cut short between its two renames (see staged_output)."""
+    stages = abandoned(out.parent, f".{out.name}.partial-")
+    for stage in stages:
+        shutil.rmtree(stage, ignore_errors=True)
+    say_removed([stage.name for stage in stages], out.parent, "an export", "exports")
+    for old in abandoned(out.parent, f".{out.name}.old-"):
+        if out.exists():  # killed after its stage became out: the old output was on its way out
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"removed {old.name} from {out.parent}, the old {out.name} left by an export killed "
+                  "just after replacing it")
+        else:  # killed between the renames: the old output is the only complete one
+            os.replace(old, out)
+            print(f"restored {out} from {old.name}, left by an export killed while replacing it")
 
 
 @contextmanager
@@ -248,15 +283,17 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise Galaxy10Error(f"{out} is a file, not a folder: choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_up_killed_exports(out)  # first: it may restore an out that the check below must see
     if out.is_dir() and any(out.iterdir()) and not force:
         raise Galaxy10Error(f"{out} already holds files: pass --force to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_stages(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         yield stage
+        # Two renames, not one: a folder cannot replace a non-empty one. A kill between them leaves
+        # only the old output, which the next run restores (clean_up_killed_exports).
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
@@ -315,6 +352,41 @@ def _export_range(task: tuple[int, int, np.ndarray, np.ndarray, str]) -> int:
     return stop - start
 
 
+def process_pool(workers: int, initializer: Callable[..., None] | None = None,
+                 initargs: tuple = ()) -> ProcessPoolExecutor:
+    """``workers`` worker processes that follow this one: they ignore Ctrl-C (this process handles it
+    and shuts the pool down) and exit as soon as this process dies, however it dies. Every process pool
+    of the scripts is one of these; ``initializer(*initargs)`` then runs in each worker.
+    """
+    # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(initializer, initargs))
+
+
+def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_with_parent() -> None:
+    """Wait for the parent to die, then exit at once: a pool worker otherwise waits forever for tasks
+    when its parent is SIGKILLed (an out-of-memory killer, a scheduler), and so does the resource
+    tracker, which ends only when every process holding its pipe has ended."""
+    # multiprocessing gives each child the read end of a pipe whose only write end the parent holds
+    # until it has joined the child, so the pipe reads as closed the moment the parent dies, of any
+    # cause and on any OS. Not prctl(PR_SET_PDEATHSIG): it is Linux-only, and it fires when the
+    # *thread* that started the worker ends, while a pool starts workers from whichever thread
+    # submits (and replacements from its manager thread). Not polling getppid(): a delay and a loop.
+    # Was the parent dead before this thread started? Then join returns at once.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()
+        os._exit(1)  # no cleanup to wait for: the parent's successor removes what is left on disk
+
+
 def run_tasks(h5_path: Path, fn: Callable, tasks: list, workers: int, desc: str, total: int) -> None:
     """Run ``fn`` over ``tasks`` in worker processes that each open the HDF5 file once."""
     from tqdm import tqdm
@@ -328,10 +400,7 @@ def run_tasks(h5_path: Path, fn: Callable, tasks: list, workers: int, desc: str,
             finally:
                 _close_images()
             return
-        # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_images,
-                                 initargs=(str(h5_path),)) as pool:
+        with process_pool(workers, _open_images, (str(h5_path),)) as pool:
             futures = [pool.submit(fn, task) for task in tasks]
             try:
                 for future in as_completed(futures):

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +25,16 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from load_data import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, atomic_path, run_cli
+from load_data import (
+    CLASS_NAMES,
+    META_FIELDS,
+    REAL_CLASS_COUNTS,
+    Galaxy10Error,
+    atomic_path,
+    process_pool,
+    remove_abandoned_temporaries,
+    run_cli,
+)
 
 MIN_PER_CLASS = 2
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
@@ -417,6 +424,7 @@ def write_sample(path: str | os.PathLike[str], n: int = 2000, seed: int = 0, ima
     path = Path(path)
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_request(path, n, seed, image_size, workers)
+    remove_abandoned_temporaries(path)
     labels, meta = sample_labels_and_metadata(n, seed)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset("images", (n, image_size, image_size, 3), dtype=np.uint8,
@@ -463,7 +471,7 @@ def _render_blocks(labels: np.ndarray, seed: int, image_size: int,
         for start in starts:
             yield start, render_rows(seed, image_size, start, labels[start:start + BLOCK_ROWS])
         return
-    pool = ProcessPoolExecutor(min(workers, len(starts)), initializer=_ignore_sigint)
+    pool = process_pool(min(workers, len(starts)))
     try:
         blocks = pool.map(render_rows, [seed] * len(starts), [image_size] * len(starts), starts,
                           [labels[s:s + BLOCK_ROWS] for s in starts])
@@ -471,11 +479,6 @@ def _render_blocks(labels: np.ndarray, seed: int, image_size: int,
     finally:
         # On an error or Ctrl-C, drop the queued blocks instead of rendering them all first.
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group; only the parent should react (and clean up).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def write_preview(h5_path: str | os.PathLike[str], png_path: str | os.PathLike[str], per_class: int = 8,

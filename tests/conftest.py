@@ -6,8 +6,10 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -114,13 +116,6 @@ def assert_one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
         assert word in last, err
 
 
-def dead_pid() -> int:
-    """The id of a process that has ended (and been reaped)."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    return int(done.stdout)
-
-
 def save_model_checkpoint(path: Path, model: CNNModel, val_acc: float = 0.0) -> Path:
     """Save ``model`` in this project's checkpoint format, as if cnn.py had trained it for one epoch."""
     payload = {
@@ -223,3 +218,81 @@ def bomb_png(width: int, height: int) -> bytes:
     data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
     return bytes(data)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes: two folders compare equal only when
+    they hold the same files with the same contents, no file missing on either side."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    """The rows of an export folder's manifest.csv."""
+    with (out / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` is true (polled every 10 ms), and reap it.
+
+    Start ``process`` with ``stdout=subprocess.PIPE`` and ``stderr=subprocess.PIPE`` (or
+    ``subprocess.STDOUT``) and leave the pipes to kill_when: from the start, threads read them, so a
+    chatty process (progress bars) never stalls on a full pipe; what it printed is shown if the test
+    fails and otherwise dropped. The test fails if the process ends before ``ready()`` (also between the
+    last poll and the kill: it must die of the SIGKILL) or ``ready()`` stays false for ``timeout``
+    seconds. Make ``ready()`` wait for a concrete sign of progress (a file on disk, child processes)
+    with plenty of work still ahead, so that the kill lands at the same step every time.
+    """
+    output, readers = _drain(process)
+
+    def fail(what: str) -> None:
+        for reader in readers:  # the last lines; children that hold the pipes could keep them open
+            reader.join(timeout=1)
+        shown = [f"--- {name} (last 4000 characters) ---\n{b''.join(chunks).decode(errors='replace')[-4000:]}"
+                 for name, chunks in output.items()]
+        pytest.fail(f"{process.args} {what}\n" + "\n".join(shown), pytrace=False)
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            fail(f"ended (exit code {process.returncode}) before it was ready")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            fail(f"was not ready after {timeout:g} s")
+        time.sleep(0.01)
+    process.kill()  # does nothing if it has already ended (and been reaped by poll)
+    if process.wait() != -9:  # -9: it died of the SIGKILL, as intended
+        fail(f"ended (exit code {process.returncode}) before it was killed")
+
+
+def _drain(process: subprocess.Popen) -> tuple[dict[str, list[bytes]], list[threading.Thread]]:
+    """Read the process's pipes in daemon threads: what each has delivered so far by name, and the threads."""
+    if process.stdout is None:
+        raise ValueError("kill_when needs a process started with stdout=subprocess.PIPE")
+    output: dict[str, list[bytes]] = {}
+    readers = []
+    for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
+        if pipe is not None:
+            output[name] = []
+            readers.append(threading.Thread(target=_read_into, args=(pipe, output[name]), daemon=True))
+            readers[-1].start()
+    return output, readers
+
+
+def _read_into(pipe: io.IOBase, chunks: list[bytes]) -> None:
+    # read1 hands back whatever has arrived, so a failure shows the output up to that moment; text-mode
+    # pipes are read through their byte buffer, which only this thread reads.
+    raw = getattr(pipe, "buffer", pipe)
+    while chunk := raw.read1(65536):
+        chunks.append(chunk)

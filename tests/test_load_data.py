@@ -1,20 +1,31 @@
-"""load_data.py: the split, the export, the manifest, memory, and every bad input."""
+"""load_data.py: the split, the export, the manifest, memory, killed runs (of every script's process pool),
+and every bad input."""
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
+import psutil
 import pytest
-from conftest import ROOT, assert_one_line_error, dead_pid, random_galaxy10, write_galaxy10
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    dead_pid,
+    file_bytes,
+    kill_when,
+    random_galaxy10,
+    read_manifest,
+    write_galaxy10,
+)
 from PIL import Image
 
 import load_data
@@ -30,11 +41,6 @@ def h5(tmp_path: Path) -> Path:
 
 def export(h5: Path, out: Path, *extra: str) -> int:
     return run_cli(load_data.main, ["--h5", str(h5), "--out", str(out), "--workers", "1", *extra])
-
-
-def read_manifest(out: Path) -> list[dict]:
-    with (out / "manifest.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------- the split
@@ -82,9 +88,9 @@ def test_export_writes_every_row_pixel_exact_with_a_correct_manifest(h5: Path, t
 def test_worker_processes_write_the_same_files(h5: Path, tmp_path: Path) -> None:
     assert export(h5, tmp_path / "one") == 0
     assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
-    for path in (tmp_path / "one").rglob("*"):
-        twin = tmp_path / "two" / path.relative_to(tmp_path / "one")
-        assert path.is_dir() or path.read_bytes() == twin.read_bytes()
+    one = file_bytes(tmp_path / "one")
+    assert len(one) == sum(COUNTS) + 1  # every image and the manifest
+    assert file_bytes(tmp_path / "two") == one
 
 
 def test_memory_stays_flat_the_images_are_never_read_whole(tmp_path: Path, monkeypatch) -> None:
@@ -138,29 +144,102 @@ def test_a_failure_mid_export_leaves_no_output(h5: Path, tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
 
 
-def test_an_export_killed_mid_way_leaves_a_folder_the_next_run_removes(tmp_path: Path) -> None:
-    h5 = random_galaxy10(tmp_path / "big.h5", [200] * 10, size=64)
-    script = [sys.executable, str(ROOT / "load_data.py"), "--h5", str(h5), "--out", "data", "--workers", "1"]
-    killed = subprocess.Popen(script, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage = tmp_path / f".data.partial-{killed.pid}"
-    deadline = time.monotonic() + 60
-    while not (stage.is_dir() and any(stage.rglob("*.png"))) and killed.poll() is None:
-        assert time.monotonic() < deadline, "the export never started writing"
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the export finished before it could be killed"
-    assert stage.is_dir() and not (tmp_path / "data").exists()
-    running = tmp_path / f".data.partial-{os.getpid()}"  # an export still in progress: must be kept
-    (running / "train").mkdir(parents=True)
+class KilledRun(NamedTuple):
+    """A script run with a process pool, SIGKILLed mid-way, and what it leaves for the next run."""
 
-    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert not stage.exists() and (running / "train").is_dir()
-    assert [line for line in done.stdout.splitlines() if "removed" in line] == [
-        f"removed {stage.name} from ., left by an export that was killed"
+    script: str
+    flags: list[str]
+    out: str
+    counts: list[int] | None  # images per class of the input file g.h5, if it reads one
+    progress: str  # a glob that matches once the pool is at work
+    leftover: str  # the hidden file or folder of the killed run, which the next one removes
+    left_by: str  # how the next run names the killed one
+    images: int  # images in the complete output
+
+
+# Each still has far more work than one task per worker when it is killed.
+KILLED_RUNS = {
+    "export": KilledRun("load_data.py", ["--h5", "g.h5"], "data", [200] * 10,
+                        ".data.partial-{pid}/*/*/img_*.png", ".data.partial-{pid}", "an export", 2000),
+    "balancing": KilledRun("preprocess_and_balancing.py", ["--h5", "g.h5", "--target", "200"], "bal",
+                           [20] * 10, ".bal.partial-{pid}/train/*/aug_*.png", ".bal.partial-{pid}",
+                           "an export", 200 + 10 * (200 - 16)),
+    "sample": KilledRun("sample_data.py", ["--n", "600", "--image-size", "64"], "s.h5", None,
+                        ".s.h5.tmp-{pid}", ".s.h5.tmp-{pid}", "a run", 600),
+}
+POOL_WORKERS = 3
+
+
+def pool_processes(pid: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The pool workers and the multiprocessing resource tracker that process ``pid`` started."""
+    workers, trackers = [], []
+    for child in psutil.Process(pid).children():
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:  # it ended meanwhile
+            continue
+        if "resource_tracker" in command:
+            trackers.append(child)
+        elif "spawn_main" in command:
+            workers.append(child)
+    return workers, trackers
+
+
+def ended(process: psutil.Process) -> bool:
+    """Whether it has exited (an orphan may stay a zombie until init reaps it)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def images_in(out: Path) -> int:
+    if out.suffix == ".h5":
+        with h5py.File(out) as f:
+            return len(f["images"])
+    return len(read_manifest(out))
+
+
+@pytest.mark.parametrize("name", KILLED_RUNS)
+def test_a_run_killed_mid_way_leaves_no_process_and_the_next_run_cleans_up(name: str, tmp_path: Path) -> None:
+    """SIGKILL the main process alone, as an out-of-memory killer or a scheduler does, once its pool works."""
+    run = KILLED_RUNS[name]
+    if run.counts is not None:
+        random_galaxy10(tmp_path / "g.h5", run.counts, size=64)
+    command = [sys.executable, str(ROOT / run.script), *run.flags, "--out", run.out,
+               "--workers", str(POOL_WORKERS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pool: list[psutil.Process] = []
+
+    def pool_at_work() -> bool:
+        workers, trackers = pool_processes(killed.pid)
+        pool[:] = [*workers, *trackers]
+        return (len(workers) == POOL_WORKERS and len(trackers) == 1
+                and any(tmp_path.glob(run.progress.format(pid=killed.pid))))
+
+    kill_when(killed, pool_at_work)
+    try:
+        deadline = time.monotonic() + 10
+        while not all(ended(p) for p in pool) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [repr(p) for p in pool if not ended(p)]
+    finally:
+        for process in pool:  # never leave orphans of the test running, whatever happened
+            if not ended(process):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+    assert survivors == [], "still running 10 s after their parent was killed"
+    leftover = tmp_path / run.leftover.format(pid=killed.pid)
+    assert leftover.exists()
+
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not leftover.exists()
+    assert [line for line in done.stdout.splitlines() if line.startswith("removed ")] == [
+        f"removed {leftover.name} from ., left by {run.left_by} that was killed"
     ]
-    assert len(read_manifest(tmp_path / "data")) == 2000
+    assert images_in(tmp_path / run.out) == run.images
 
 
 def test_only_partial_folders_of_dead_processes_are_removed(h5: Path, tmp_path: Path, capsys) -> None:
@@ -171,6 +250,43 @@ def test_only_partial_folders_of_dead_processes_are_removed(h5: Path, tmp_path: 
     assert export(h5, tmp_path / "data") == 0
     assert [folder.exists() for folder in leftovers] == [False, True, True, True]
     assert f"removed {leftovers[0].name} from {tmp_path}," in capsys.readouterr().out
+
+
+def test_an_output_a_killed_export_had_replaced_is_removed(h5: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "data"
+    assert export(h5, out) == 0
+    killed = tmp_path / f".data.old-{dead_pid()}"  # killed after its second rename, during the rmtree
+    running = tmp_path / f".data.old-{os.getppid()}"  # an export mid-swap: must be kept
+    for old in (killed, running):
+        (old / "train").mkdir(parents=True)
+    capsys.readouterr()
+    assert export(h5, out, "--force") == 0
+    assert not killed.exists() and running.is_dir()
+    assert len(read_manifest(out)) == sum(COUNTS)
+    assert f"removed {killed.name} from {tmp_path}, the old data left by an export killed just after " \
+           "replacing it\n" in capsys.readouterr().out
+
+
+def test_an_output_a_killed_export_was_replacing_is_restored(h5: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "data"
+    assert export(h5, out) == 0
+    (out / "notes.txt").write_text("mine")
+    pid = dead_pid()
+    old, stage = tmp_path / f".data.old-{pid}", tmp_path / f".data.partial-{pid}"
+    os.replace(out, old)  # killed between its two renames: out is gone, its stage not yet renamed
+    stage.mkdir()
+    capsys.readouterr()
+    assert export(h5, out) == 2  # restored first, so the output is found and not overwritten
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [
+        f"removed {stage.name} from {tmp_path}, left by an export that was killed",
+        f"restored {out} from {old.name}, left by an export killed while replacing it",
+    ]
+    assert printed.err.startswith(f"error: {out} already holds files") and printed.err.count("\n") == 1
+    assert (out / "notes.txt").read_text() == "mine" and len(read_manifest(out)) == sum(COUNTS)
+    assert not old.exists() and not stage.exists()
+    assert export(h5, out) == 2
+    assert capsys.readouterr().out == ""  # nothing left to clean up or restore
 
 
 def test_a_process_of_another_user_counts_as_alive(monkeypatch) -> None:

@@ -1,14 +1,13 @@
 """preprocess_and_balancing.py: same split as load_data.py, balanced classes, seeded copies."""
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, dead_pid, random_galaxy10
+from conftest import assert_one_line_error, dead_pid, file_bytes, random_galaxy10, read_manifest
 from PIL import Image
 
 import load_data
@@ -27,29 +26,20 @@ def balance(h5: Path, out: Path, *extra: str) -> int:
     return run_cli(pb.main, ["--h5", str(h5), "--out", str(out), "--workers", "1", *extra])
 
 
-def manifest(out: Path) -> list[dict]:
-    with (out / "manifest.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")}
-
-
 def test_val_is_identical_to_load_data_and_train_keeps_the_originals(h5: Path, tmp_path: Path) -> None:
     assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "data"), "--workers", "1"]) == 0
     assert balance(h5, tmp_path / "balanced") == 0
-    assert files(tmp_path / "balanced" / "val") == files(tmp_path / "data" / "val")
-    plain_train = files(tmp_path / "data" / "train")
-    balanced_train = files(tmp_path / "balanced" / "train")
+    assert file_bytes(tmp_path / "balanced" / "val") == file_bytes(tmp_path / "data" / "val")
+    plain_train = file_bytes(tmp_path / "data" / "train")
+    balanced_train = file_bytes(tmp_path / "balanced" / "train")
     assert {k: balanced_train[k] for k in plain_train} == plain_train
 
 
 def test_every_class_reaches_the_largest_class(h5: Path, tmp_path: Path) -> None:
     assert balance(h5, tmp_path / "b") == 0
     train = [len(list((tmp_path / "b" / "train" / str(c)).glob("*.png"))) for c in range(10)]
-    largest = max(sum(1 for r in manifest(tmp_path / "b") if r["split"] == "train" and r["label"] == str(c)
-                      and not r["augmentation"]) for c in range(10))
+    originals = [r for r in read_manifest(tmp_path / "b") if r["split"] == "train" and not r["augmentation"]]
+    largest = max(sum(1 for r in originals if r["label"] == str(c)) for c in range(10))
     assert train == [largest] * 10
 
 
@@ -63,7 +53,7 @@ def test_target_sets_the_class_size(h5: Path, tmp_path: Path, capsys) -> None:
 
 def test_manifest_names_each_copys_source(h5: Path, tmp_path: Path) -> None:
     assert balance(h5, tmp_path / "b") == 0
-    rows = manifest(tmp_path / "b")
+    rows = read_manifest(tmp_path / "b")
     with h5py.File(h5) as f:
         labels = f["ans"][()]
     copies = [r for r in rows if r["augmentation"]]
@@ -89,9 +79,9 @@ def test_manifest_names_each_copys_source(h5: Path, tmp_path: Path) -> None:
 def test_copies_are_seeded_and_independent_of_workers(h5: Path, tmp_path: Path) -> None:
     assert balance(h5, tmp_path / "a") == 0
     assert run_cli(pb.main, ["--h5", str(h5), "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
-    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     assert balance(h5, tmp_path / "c", "--seed", "7") == 0
-    assert files(tmp_path / "a" / "train") != files(tmp_path / "c" / "train")
+    assert file_bytes(tmp_path / "a" / "train") != file_bytes(tmp_path / "c" / "train")
 
 
 def test_the_partial_folder_of_a_killed_run_is_removed_and_a_running_ones_kept(

@@ -1,11 +1,13 @@
 """sample_data.py: the Galaxy10 format, class counts, determinism, atomic writes, errors, and shapes."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import dead_pid
 from PIL import Image
 from scipy.ndimage import gaussian_filter, maximum_filter
 
@@ -96,9 +98,7 @@ def test_too_few_images_for_every_class_is_an_error() -> None:
 def test_same_seed_gives_identical_files_with_any_worker_count(sample: Path, tmp_path: Path) -> None:
     again = sample_data.write_sample(tmp_path / "again.h5", n=N, seed=3, image_size=SIZE, workers=2,
                                      progress=False)
-    first, second = read_all(sample), read_all(again)
-    for name in first:
-        assert np.array_equal(first[name], second[name]), name
+    assert again.read_bytes() == sample.read_bytes()
 
 
 def test_different_seed_gives_different_images_and_order(sample: Path, tmp_path: Path) -> None:
@@ -121,6 +121,19 @@ def test_a_failure_mid_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch, tmp
     with pytest.raises(OSError, match="disk full"):
         sample_data.write_sample(tmp_path / "out.h5", n=N, image_size=32, workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_temporary_file_of_a_killed_run_is_removed_and_a_running_ones_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    killed, running = tmp_path / f".s.h5.tmp-{dead_pid()}", tmp_path / f".s.h5.tmp-{os.getppid()}"
+    other = tmp_path / f".other.h5.tmp-{dead_pid()}"  # another file's: not this run's business
+    for tmp in (killed, running, other):
+        tmp.write_bytes(b"half an HDF5 file")
+    sample_data.write_sample(tmp_path / "s.h5", n=20, image_size=32, workers=1, progress=False)
+    assert [tmp.exists() for tmp in (killed, running, other)] == [False, True, True]
+    said = capsys.readouterr().out
+    assert said == f"removed {killed.name} from {tmp_path}, left by a run that was killed\n"
 
 
 # ---------------------------------------------------------------- command line
