@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch.distributed as dist
 
 from distributed import join_process_group, select_device, use_local_gpu
-from load_data import Galaxy10Error, atomic_path
+from galaxy10 import Galaxy10Error, atomic_path
 
 
 class Classified(Protocol):

@@ -54,7 +54,7 @@ from distributed import (
     use_local_gpu,
     world_size,
 )
-from load_data import CLASS_NAMES, Galaxy10Error, atomic_path, run_cli
+from galaxy10 import CLASS_NAMES, Galaxy10Error, atomic_path, run_cli
 from models import (
     IMAGE_EXTENSIONS,
     CNNModel,

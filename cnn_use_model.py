@@ -59,7 +59,7 @@ from catalog import (
     write_predictions,
 )
 from distributed import DEVICES, select_device
-from load_data import Galaxy10Error, run_cli
+from galaxy10 import Galaxy10Error, run_cli
 from models import (
     IMAGE_EXTENSIONS,
     image_to_tensor,

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from load_data import Galaxy10Error
+from galaxy10 import Galaxy10Error
 
 DEVICES = ("auto", "cpu", "cuda")
 T = TypeVar("T")

@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,49 +24,24 @@ import h5py
 import numpy as np
 from PIL import Image
 
-CLASS_NAMES: tuple[str, ...] = (
-    "Disturbed Galaxies",
-    "Merging Galaxies",
-    "Round Smooth Galaxies",
-    "In-between Round Smooth Galaxies",
-    "Cigar Shaped Smooth Galaxies",
-    "Barred Spiral Galaxies",
-    "Unbarred Tight Spiral Galaxies",
-    "Unbarred Loose Spiral Galaxies",
-    "Edge-on Galaxies without Bulge",
-    "Edge-on Galaxies with Bulge",
+from galaxy10 import (
+    CLASS_NAMES,
+    DOWNLOAD_URL,
+    META_FIELDS,
+    OFFICIAL_SHA256,
+    Galaxy10Error,
+    abandoned,
+    process_pool,
+    run_cli,
+    say_removed,
 )
-# Images per class in the official file (17,736 in all).
-REAL_CLASS_COUNTS: tuple[int, ...] = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
-OFFICIAL_SHA256 = "19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571"
-DOWNLOAD_URL = "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5"
+
 DEFAULT_H5 = "Galaxy10_DECals.h5"
-# Per-row float64 metadata stored beside `images` and `ans`.
-META_FIELDS: tuple[str, ...] = ("ra", "dec", "redshift", "pxscale")
 MANIFEST_FIELDS: tuple[str, ...] = (
     "index", "label", "class_name", "split", "path", "ra", "dec", "redshift",
 )
 # Rows read per HDF5 access: 64 full-size images are 12.6 MB, so a worker's memory stays small.
 CHUNK_ROWS = 64
-
-
-class Galaxy10Error(Exception):
-    """A problem the user can fix. Scripts print it as one line, without a traceback."""
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a script's ``main``; turn user errors and Ctrl-C into one line and an exit code."""
-    try:
-        return main(argv) or 0
-    except Galaxy10Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was kept from the unfinished step", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head`: stop quietly, like other shell tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
 
 
 # ---------------------------------------------------------------- reading and checking the file
@@ -205,61 +177,6 @@ def split_rows(labels: np.ndarray, val_size: float = 0.2, seed: int = 42) -> np.
 # ---------------------------------------------------------------- writing the output
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write; renamed onto ``path`` only if the block succeeds,
-    so a crash never leaves a truncated file under the real name."""
-    path = Path(path)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, run by another user
-        return True
-    return True
-
-
-def abandoned(folder: Path, prefix: str) -> list[Path]:
-    """The entries of ``folder`` named ``prefix`` + the id of a process that has ended, by name: what runs
-    that were killed (SIGKILL, a time limit) left, since no cleanup of theirs could run. An entry of a
-    run still in progress is never among them."""
-    found = []
-    for entry in folder.iterdir():
-        pid = entry.name.removeprefix(prefix)
-        if entry.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
-            found.append(entry)
-    return sorted(found)
-
-
-def say_removed(names: list[str], folder: Path, killed_run: str, killed_runs: str) -> None:
-    """One line naming what was removed from ``folder`` and which killed run(s) left it."""
-    if names:
-        by = f"{killed_run} that was killed" if len(names) == 1 else f"{killed_runs} that were killed"
-        print(f"removed {', '.join(names)} from {folder}, left by {by}")
-
-
-def remove_abandoned_temporaries(path: Path) -> None:
-    """Delete the temporary files that killed runs of atomic_path(path) left beside ``path``."""
-    temporaries = abandoned(path.parent, _temporary_prefix(path))
-    for tmp in temporaries:
-        tmp.unlink(missing_ok=True)
-    say_removed([tmp.name for tmp in temporaries], path.parent, "a run", "runs")
-
-
 def clean_up_killed_exports(out: Path) -> None:
     """Undo what exports into ``out`` that were killed left behind: delete their hidden stage folders,
     and finish a replacement of ``out`` cut short between its two renames (see staged_output)."""
@@ -350,41 +267,6 @@ def _export_range(task: tuple[int, int, np.ndarray, np.ndarray, str]) -> int:
         split = "val" if is_val[offset] else "train"
         save_png(image, Path(stage) / image_relpath(split, int(labels[offset]), start + offset))
     return stop - start
-
-
-def process_pool(workers: int, initializer: Callable[..., None] | None = None,
-                 initargs: tuple = ()) -> ProcessPoolExecutor:
-    """``workers`` worker processes that follow this one: they ignore Ctrl-C (this process handles it
-    and shuts the pool down) and exit as soon as this process dies, however it dies. Every process pool
-    of the scripts is one of these; ``initializer(*initargs)`` then runs in each worker.
-    """
-    # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
-    context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(initializer, initargs))
-
-
-def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
-    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def _exit_with_parent() -> None:
-    """Wait for the parent to die, then exit at once: a pool worker otherwise waits forever for tasks
-    when its parent is SIGKILLed (an out-of-memory killer, a scheduler), and so does the resource
-    tracker, which ends only when every process holding its pipe has ended."""
-    # multiprocessing gives each child the read end of a pipe whose only write end the parent holds
-    # until it has joined the child, so the pipe reads as closed the moment the parent dies, of any
-    # cause and on any OS. Not prctl(PR_SET_PDEATHSIG): it is Linux-only, and it fires when the
-    # *thread* that started the worker ends, while a pool starts workers from whichever thread
-    # submits (and replacements from its manager thread). Not polling getppid(): a delay and a loop.
-    # Was the parent dead before this thread started? Then join returns at once.
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        parent.join()
-        os._exit(1)  # no cleanup to wait for: the parent's successor removes what is left on disk
 
 
 def run_tasks(h5_path: Path, fn: Callable, tasks: list, workers: int, desc: str, total: int) -> None:

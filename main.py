@@ -49,7 +49,7 @@ from cnn_use_model import (
     overlay_heatmap,
     predict,
 )
-from load_data import Galaxy10Error, run_cli
+from galaxy10 import Galaxy10Error, run_cli
 from models import RESUME_KIND, load_checkpoint, to_rgb8
 
 HERE = Path(__file__).resolve().parent

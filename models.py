@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from load_data import CLASS_NAMES, Galaxy10Error, atomic_path
+from galaxy10 import CLASS_NAMES, Galaxy10Error, atomic_path
 
 ARCHITECTURE = "DeepCNN-5Block"
 # How an image becomes model input; stored in every checkpoint so inference never guesses.

@@ -19,17 +19,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
 from load_data import (
-    CLASS_NAMES,
     MANIFEST_FIELDS,
-    Galaxy10Error,
     Galaxy10File,
     add_export_arguments,
     export_images,
     load_and_split,
     print_summary,
     read_rows,
-    run_cli,
     run_tasks,
     save_png,
     staged_output,

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from load_data import (
+from galaxy10 import (
     CLASS_NAMES,
     META_FIELDS,
     REAL_CLASS_COUNTS,

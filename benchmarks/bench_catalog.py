@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from bench_export import measure  # noqa: E402
 
 import sample_data  # noqa: E402
-from load_data import CLASS_NAMES, save_png  # noqa: E402
+from galaxy10 import CLASS_NAMES  # noqa: E402
+from load_data import save_png  # noqa: E402
 from models import CNNModel  # noqa: E402
 from tests.conftest import save_model_checkpoint  # noqa: E402
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cnn import RECIPES  # noqa: E402
-from load_data import META_FIELDS, run_cli  # noqa: E402
+from galaxy10 import META_FIELDS, run_cli  # noqa: E402
 from models import output_path  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sample_data  # noqa: E402
-from load_data import CLASS_NAMES, run_cli  # noqa: E402
+from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_sample_data.json"
 

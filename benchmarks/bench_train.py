@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cnn  # noqa: E402
-from load_data import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
+from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
 

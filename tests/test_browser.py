@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from conftest import biased_checkpoint
 
-from load_data import CLASS_NAMES
+from galaxy10 import CLASS_NAMES
 from main import create_app
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

@@ -19,7 +19,7 @@ from PIL import Image
 
 import catalog
 import cnn_use_model as cum
-from load_data import CLASS_NAMES, run_cli
+from galaxy10 import CLASS_NAMES, run_cli
 
 
 def survey_images(folder: Path, n: int, size: int = 40) -> list[str]:

@@ -26,7 +26,7 @@ import cnn
 import models
 import preprocess_and_balancing
 import sample_data
-from load_data import CLASS_NAMES, run_cli
+from galaxy10 import CLASS_NAMES, run_cli
 
 CHECKPOINT_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc",

@@ -23,7 +23,7 @@ from conftest import (
 from PIL import Image
 
 import cnn_use_model as cum
-from load_data import CLASS_NAMES, Galaxy10Error, run_cli
+from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
 from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
 
 

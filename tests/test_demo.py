@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from fastapi.testclient import TestClient
 
-from load_data import CLASS_NAMES
+from galaxy10 import CLASS_NAMES
 from main import create_app
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, assert_one_line_error, colour_folders, load, one_thread_env, same_weights
 
 import cnn
-from load_data import CLASS_NAMES, run_cli
+from galaxy10 import CLASS_NAMES, run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = one_thread_env(PYTHONPATH=str(ROOT))

@@ -29,7 +29,8 @@ from conftest import (
 from PIL import Image
 
 import load_data
-from load_data import CHUNK_ROWS, CLASS_NAMES, run_cli, split_rows
+from galaxy10 import CLASS_NAMES, run_cli
+from load_data import CHUNK_ROWS, split_rows
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]  # a miniature of the real class distribution
 

@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse
 
 import main
 from cnn_use_model import predict
-from load_data import CLASS_NAMES, run_cli
+from galaxy10 import CLASS_NAMES, run_cli
 from main import UploadLimitMiddleware, create_app
 
 ROOT = Path(__file__).resolve().parents[1]

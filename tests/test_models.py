@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, load, original_layout, same_weights, save_original_checkpoint
 
 import models
-from load_data import CLASS_NAMES
+from galaxy10 import CLASS_NAMES
 
 SCRIPTS = {"load_data", "preprocess_and_balancing", "sample_data", "cnn", "cnn_use_model", "main"}
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import load_data
 import preprocess_and_balancing as pb
-from load_data import CLASS_NAMES, run_cli
+from galaxy10 import CLASS_NAMES, run_cli
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]
 

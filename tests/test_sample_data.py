@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, maximum_filter
 
 import sample_data
-from load_data import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, run_cli
+from galaxy10 import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, run_cli
 
 SIZE = 64
 N = 40
