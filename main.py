@@ -6,7 +6,7 @@
 `GET /` is the upload form, `POST /upload-file/` the result page (class, confidence bars for all
 ten classes, Grad-CAM), `POST /api/predict` the same prediction as JSON, `GET /api/models` and
 `GET /healthz` what is served, `/docs` the OpenAPI page. Uploads stay in memory: nothing a client
-sends is ever written to disk under a name it chose.
+sends is ever written to disk, not even to a temporary file.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,13 +31,16 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from PIL import Image
 from pydantic import BaseModel
-from starlette.datastructures import Headers
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnn import RESUME_KIND, load_checkpoint, to_rgb8
@@ -133,6 +136,46 @@ class UploadLimitMiddleware:
                 raise
         if received > self.max_bytes and not started:
             await self.too_large(scope)(scope, receive, send)
+
+
+# ---------------------------------------------------------------- uploads kept in memory
+
+
+class InMemoryUploadRequest(Request):
+    """A request whose uploaded files stay in memory up to the app's upload limit.
+
+    Starlette spools an uploaded file over 1 MB (`MultiPartParser.spool_max_size`) to a temporary
+    file, and `Request.form()` has no setting for it (Starlette 1.10). Raising that class attribute
+    would change every app in the process, so a multipart body is parsed here by a parser of our own
+    whose spool is this app's limit; UploadLimitMiddleware has already refused any body over it.
+    This overrides Starlette's `_get_form`, which `form()` calls: test_main's
+    test_an_upload_up_to_the_limit_stays_in_memory fails if a Starlette upgrade stops calling it.
+    """
+
+    async def _get_form(self, **limits: Any) -> FormData:
+        content_type, _ = parse_options_header(self.headers.get("content-type"))
+        if self._form is None and content_type == b"multipart/form-data":
+            async with aclosing(self.stream()) as stream:
+                parser = MultiPartParser(self.headers, stream, **limits)
+                parser.spool_max_size = self.app.state.max_upload_bytes
+                try:
+                    self._form = await parser.parse()
+                except MultiPartException as err:  # as Starlette answers a malformed form
+                    raise StarletteHTTPException(400, err.message) from None
+        # The form parsed above, or any other body read by Starlette as usual.
+        return await super()._get_form(**limits)
+
+
+class InMemoryUploadRoute(APIRoute):
+    """A route that hands its endpoint an InMemoryUploadRequest (FastAPI's custom route class hook)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def in_memory_handler(request: Request) -> Response:
+            return await handler(InMemoryUploadRequest(request.scope, request.receive))
+
+        return in_memory_handler
 
 
 # ---------------------------------------------------------------- the checkpoints on offer
@@ -358,6 +401,7 @@ def create_app(
         raise Galaxy10Error(f"models folder {folder} not found: pass --models-dir with your .pth files")
     if max_upload_mb <= 0:
         raise Galaxy10Error(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    max_upload_bytes = int(max_upload_mb * 2**20)
     registry = ModelRegistry(folder, default_model)
     templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
     # One inference at a time per core: more only adds memory (Grad-CAM keeps activations), not speed.
@@ -397,7 +441,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
-    app.add_middleware(UploadLimitMiddleware, max_bytes=int(max_upload_mb * 2**20), too_large=too_large)
+    app.state.max_upload_bytes = max_upload_bytes  # InMemoryUploadRequest's spool
+    app.router.route_class = InMemoryUploadRoute  # for the routes below
+    app.add_middleware(UploadLimitMiddleware, max_bytes=max_upload_bytes, too_large=too_large)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ServiceError)

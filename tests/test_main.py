@@ -12,9 +12,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -442,6 +443,13 @@ def test_missing_file_field_gets_422(client: TestClient, route: str) -> None:
         assert "The form is incomplete" in response.text and "file: Field required" in response.text
 
 
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_a_malformed_form_gets_400(client: TestClient, route: str) -> None:
+    response = client.post(route, content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400
+    assert "Missing boundary in multipart." in response.text
+
+
 def test_unknown_page_gets_a_friendly_404(client: TestClient) -> None:
     response = client.get("/no/such/page")
     assert response.status_code == 404
@@ -451,8 +459,44 @@ def test_unknown_page_gets_a_friendly_404(client: TestClient) -> None:
 # ---------------------------------------------------------------- nothing written anywhere
 
 
+@pytest.fixture
+def temporary_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The temporary files created while the test runs, by the call that made each.
+
+    Counted where they are made: a file from TemporaryFile is unlinked at birth (O_TMPFILE on Linux),
+    so no folder listing ever shows it.
+    """
+    created: list[str] = []
+
+    def recording(name: str, make: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            created.append(name)
+            return make(*args, **kwargs)
+
+        return record
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, recording(name, getattr(tempfile, name)))
+    spooled = tempfile.SpooledTemporaryFile
+    monkeypatch.setattr(spooled, "rollover", recording("SpooledTemporaryFile.rollover", spooled.rollover))
+    return created
+
+
+def test_an_upload_up_to_the_limit_stays_in_memory(models_dir: Path, temporary_files: list[str]) -> None:
+    # Noise hardly compresses: a 5.6 MB PNG, over five times Starlette's default 1 MB in-memory spool.
+    noise = np.random.default_rng(4).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    upload = png_bytes(Image.fromarray(noise))
+    assert 5 * 2**20 < len(upload) < 6 * 2**20
+    with TestClient(create_app(models_dir, max_upload_mb=6)) as test_client:
+        for route in ("/api/predict", "/upload-file/"):
+            response = test_client.post(route, files={"file": ("big.png", upload, "image/png")})
+            assert response.status_code == 200
+    assert temporary_files == []
+
+
 def test_hostile_file_names_write_nothing_anywhere(
-    models_dir: Path, galaxy_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models_dir: Path, galaxy_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    temporary_files: list[str],
 ) -> None:
     before = {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")}
     models_before = tree_digest(models_dir)
@@ -461,7 +505,7 @@ def test_hostile_file_names_write_nothing_anywhere(
     temp.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    # Over Starlette's 1 MB in-memory spool, so the upload also passes through a temporary file.
+    # Over Starlette's default 1 MB in-memory spool, which would put it in a temporary file.
     big = png_bytes(Image.fromarray(np.random.default_rng(2).integers(0, 256, (700, 700, 3), dtype=np.uint8)))
     assert len(big) > 2**20
     names = [
@@ -476,7 +520,7 @@ def test_hostile_file_names_write_nothing_anywhere(
     assert "&lt;b&gt;bold&lt;/b&gt;.png" in page and "<b>bold</b>" not in page
     assert {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")} == before
     assert tree_digest(models_dir) == models_before
-    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == []
+    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == [] and temporary_files == []
     assert not Path("/tmp/owned.png").exists()
 
 
