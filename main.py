@@ -82,6 +82,12 @@ class ServiceError(Exception):
         self.detail = detail
 
 
+def model_unavailable(name: str) -> ServiceError:
+    """A model the page listed whose file has since been deleted or damaged: the server's fault, not the
+    client's, so 503 (not 404), whether the file went before the request or during it."""
+    return ServiceError(503, f"model {name!r} could not be loaded; reload the page to see the models")
+
+
 # ---------------------------------------------------------------- upload size limit
 
 
@@ -211,35 +217,46 @@ class ModelRegistry:
         self.default_name = default_name
         self._lock = threading.Lock()
         self._seen: dict[Path, tuple[tuple[int, int], ModelInfo | None]] = {}
+        self._offered: set[str] = set()  # every name a listing has shown, for get() to tell gone from unknown
 
     def models(self) -> list[ModelInfo]:
         """The available models, the default one first, then by name."""
         with self._lock:
             paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file() and not is_resume_file(p))
             self._seen = {path: self._inspect(path) for path in paths}
-        found = [info for _, info in self._seen.values() if info is not None]
+            found = [info for _, info in self._seen.values() if info is not None]
+            self._offered.update(info.name for info in found)
         return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))
 
     def get(self, name: str | None) -> ModelInfo:
         """The model called `name` (the default for an empty name), or a 503/404 ServiceError.
 
         The original page posted the checkpoint's file name, so `NAME.pth` also finds NAME; either
-        way it is only looked up among the names on offer, never opened as a path.
+        way it is only looked up among the names on offer, never opened as a path. A name offered
+        earlier whose file has since been deleted or damaged gets 503, as when that happens mid-request.
         """
         models = self.models()
         if not models:
             raise ServiceError(503, f"no trained model is available: {TRAIN_HINT}")
         if not name:
             return models[0]
+        candidates = (name, name.removesuffix(".pth"))
         by_name = {info.name: info for info in models}
-        info = by_name.get(name) or by_name.get(name.removesuffix(".pth"))
-        if info is not None:
-            return info
+        for candidate in candidates:
+            if candidate in by_name:
+                return by_name[candidate]
+        with self._lock:
+            gone = [candidate for candidate in candidates if candidate in self._offered]
+        if gone:
+            raise model_unavailable(gone[0])
         available = ", ".join(m.name for m in models)
         raise ServiceError(404, f"unknown model {name!r}; available: {available}")
 
     def _inspect(self, path: Path) -> tuple[tuple[int, int], ModelInfo | None]:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # deleted since the folder was listed
+            return (-1, -1), None
         key = (stat.st_mtime_ns, stat.st_size)
         cached = self._seen.get(path)
         if cached is not None and cached[0] == key:
@@ -290,8 +307,7 @@ def answered_as_service_errors(model: ModelInfo | None = None) -> Iterator[None]
             raise
         # The file vanished or changed since it was listed; the server log keeps the path, not the client.
         log.error("model %s failed to load: %s", model.name, err)
-        detail = f"model {model.name!r} could not be loaded; reload the page to see the models"
-        raise ServiceError(503, detail) from None
+        raise model_unavailable(model.name) from None
 
 
 def read_upload(file: UploadFile) -> Upload:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
 import re
 import shutil
 import socket
@@ -27,9 +28,9 @@ from PIL import Image
 from starlette.responses import PlainTextResponse
 
 import main
-from cnn_use_model import predict
+from cnn_use_model import grad_cam, predict
 from load_data import CLASS_NAMES, run_cli
-from main import UploadLimitMiddleware, create_app
+from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 BALANCED = "based_on_balanced_data_model"
@@ -456,6 +457,62 @@ def test_unknown_page_gets_a_friendly_404(client: TestClient) -> None:
     assert "Back to the upload form" in response.text
 
 
+# ---------------------------------------------------------------- a listed model that goes away
+
+
+def overwrite_with_garbage(path: Path) -> None:
+    path.write_bytes(b"this file was a checkpoint\n" * 100)
+
+
+DAMAGE = {"deleted": Path.unlink, "overwritten with garbage": overwrite_with_garbage}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("when", ["before the request", "during the request"])
+@pytest.mark.parametrize(("route", "field"), [("/api/predict", "model"), ("/upload-file/", "network")])
+def test_a_listed_model_that_breaks_gets_503(
+    tmp_path: Path, galaxy_png: bytes, monkeypatch: pytest.MonkeyPatch,
+    damage: str, when: str, route: str, field: str,
+) -> None:
+    target = biased_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)  # warmed (cached) at startup
+    biased_checkpoint(tmp_path / f"{PLAIN}.pth", CIGAR_BIAS)  # so the folder never runs out of models
+    with TestClient(create_app(tmp_path)) as served:
+        assert re.findall(r'<option value="([^"]+)"', served.get("/").text) == [BALANCED, PLAIN]
+        if when == "before the request":
+            DAMAGE[damage](target)
+        else:  # after the name was looked up, before the model is used
+
+            def damaging_read_upload(file):
+                DAMAGE[damage](target)
+                return read_upload(file)
+
+            monkeypatch.setattr(main, "read_upload", damaging_read_upload)
+        response = served.post(route, files={"file": ("g.png", galaxy_png)}, data={field: BALANCED})
+    assert response.status_code == 503
+    detail = f"model '{BALANCED}' could not be loaded; reload the page to see the models"
+    assert detail in response.text.replace("&#39;", "'")
+    assert str(tmp_path) not in response.text
+
+
+def test_a_model_deleted_while_the_folder_is_listed_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    biased_checkpoint(tmp_path / "kept.pth", SPREAD_BIAS)
+    vanishing = biased_checkpoint(tmp_path / "vanishing.pth", SPREAD_BIAS)
+
+    def deleted_once_listed(path: Path) -> bool:  # runs after the folder was listed, before each file is read
+        if path == vanishing:
+            path.unlink()
+        return is_resume_file(path)
+
+    with TestClient(create_app(tmp_path)) as served:
+        monkeypatch.setattr(main, "is_resume_file", deleted_once_listed)
+        response = served.get("/api/models")
+    assert response.status_code == 200
+    assert [m["name"] for m in response.json()["models"]] == ["kept"]
+    assert not vanishing.exists()
+
+
 # ---------------------------------------------------------------- nothing written anywhere
 
 
@@ -554,6 +611,53 @@ def test_concurrent_requests_all_succeed(client: TestClient, galaxy_png: bytes) 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(call, range(16)))
     assert results == [(200, CLASS_NAMES[2])] * 16
+
+
+def test_at_most_one_inference_per_core_at_a_time(
+    models_dir: Path, galaxy_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    requests = 6
+    changed = threading.Condition()
+    count = {"arrived": 0, "inside": 0, "most inside": 0}
+    gate = threading.Semaphore(0)  # every inference waits here until the test lets them all go
+
+    def arriving(file):  # each request's last step before it waits for an inference slot
+        with changed:
+            count["arrived"] += 1
+            changed.notify_all()
+        return read_upload(file)
+
+    def gated(infer):
+        def slow_infer(*args, **kwargs):
+            with changed:
+                count["inside"] += 1
+                count["most inside"] = max(count["most inside"], count["inside"])
+                changed.notify_all()
+            gate.acquire(timeout=60)
+            with changed:
+                count["inside"] -= 1
+            return infer(*args, **kwargs)
+
+        return slow_infer
+
+    def call(i: int) -> int:
+        route = "/upload-file/" if i % 2 else "/api/predict"
+        return test_client.post(route, files={"file": ("g.png", galaxy_png)}).status_code
+
+    with TestClient(create_app(models_dir)) as test_client:  # the default model warms before the gates
+        monkeypatch.setattr(main, "read_upload", arriving)
+        monkeypatch.setattr(main, "predict", gated(predict))
+        monkeypatch.setattr(main, "grad_cam", gated(grad_cam))
+        with ThreadPoolExecutor(requests) as pool:
+            pending = [pool.submit(call, i) for i in range(requests)]
+            try:
+                with changed:  # every request is past its upload, and the first inferences are waiting
+                    assert changed.wait_for(lambda: count["arrived"] == requests and count["inside"] >= 2, 60)
+            finally:
+                gate.release(requests)  # whatever happened, so that no request is left waiting
+            assert [future.result(60) for future in pending] == [200] * requests
+    assert count["most inside"] == 2
 
 
 def test_inference_does_not_block_the_event_loop(
