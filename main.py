@@ -6,7 +6,7 @@
 `GET /` is the upload form, `POST /upload-file/` the result page (class, confidence bars for all
 ten classes, Grad-CAM), `POST /api/predict` the same prediction as JSON, `GET /api/models` and
 `GET /healthz` what is served, `/docs` the OpenAPI page. Uploads stay in memory: nothing a client
-sends is ever written to disk under a name it chose.
+sends is ever written to disk, not even to a temporary file.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,13 +31,15 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from PIL import Image
 from pydantic import BaseModel
-from starlette.datastructures import Headers
+from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnn_use_model import (
@@ -77,6 +79,12 @@ class ServiceError(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+
+
+def model_unavailable(name: str) -> ServiceError:
+    """A model the page listed whose file has since been deleted or damaged: the server's fault, not the
+    client's, so 503 (not 404), whether the file went before the request or during it."""
+    return ServiceError(503, f"model {name!r} could not be loaded; reload the page to see the models")
 
 
 # ---------------------------------------------------------------- upload size limit
@@ -135,6 +143,46 @@ class UploadLimitMiddleware:
             await self.too_large(scope)(scope, receive, send)
 
 
+# ---------------------------------------------------------------- uploads kept in memory
+
+
+class InMemoryUploadRequest(Request):
+    """A request whose uploaded files stay in memory up to the app's upload limit.
+
+    Starlette spools an uploaded file over 1 MB (`MultiPartParser.spool_max_size`) to a temporary
+    file, and `Request.form()` has no setting for it (Starlette 1.10). Raising that class attribute
+    would change every app in the process, so a multipart body is parsed here by a parser of our own
+    whose spool is this app's limit; UploadLimitMiddleware has already refused any body over it.
+    It overrides Starlette's private `_get_form`, which `form()` calls; test_main uploads 5 MB and
+    fails if a Starlette upgrade makes a temporary file again.
+    """
+
+    async def _get_form(self, **limits: Any) -> FormData:
+        media_type = self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if self._form is None and media_type == "multipart/form-data":
+            async with aclosing(self.stream()) as stream:
+                parser = MultiPartParser(self.headers, stream, **limits)
+                parser.spool_max_size = self.app.state.max_upload_bytes
+                try:
+                    self._form = await parser.parse()
+                except MultiPartException as err:  # as Starlette answers a malformed form
+                    raise StarletteHTTPException(400, err.message) from None
+        # The form parsed above, or any other body read by Starlette as usual.
+        return await super()._get_form(**limits)
+
+
+class InMemoryUploadRoute(APIRoute):
+    """A route that hands its endpoint an InMemoryUploadRequest (FastAPI's custom route class hook)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def in_memory_handler(request: Request) -> Response:
+            return await handler(InMemoryUploadRequest(request.scope, request.receive))
+
+        return in_memory_handler
+
+
 # ---------------------------------------------------------------- the checkpoints on offer
 
 
@@ -168,35 +216,46 @@ class ModelRegistry:
         self.default_name = default_name
         self._lock = threading.Lock()
         self._seen: dict[Path, tuple[tuple[int, int], ModelInfo | None]] = {}
+        self._offered: set[str] = set()  # every name a listing has shown, for get() to tell gone from unknown
 
     def models(self) -> list[ModelInfo]:
         """The available models, the default one first, then by name."""
         with self._lock:
             paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file() and not is_resume_file(p))
             self._seen = {path: self._inspect(path) for path in paths}
-        found = [info for _, info in self._seen.values() if info is not None]
+            found = [info for _, info in self._seen.values() if info is not None]
+            self._offered.update(info.name for info in found)
         return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))
 
     def get(self, name: str | None) -> ModelInfo:
         """The model called `name` (the default for an empty name), or a 503/404 ServiceError.
 
         The original page posted the checkpoint's file name, so `NAME.pth` also finds NAME; either
-        way it is only looked up among the names on offer, never opened as a path.
+        way it is only looked up among the names on offer, never opened as a path. A name offered
+        earlier whose file has since been deleted or damaged gets 503, as when that happens mid-request.
         """
         models = self.models()
         if not models:
             raise ServiceError(503, f"no trained model is available: {TRAIN_HINT}")
         if not name:
             return models[0]
+        candidates = (name, name.removesuffix(".pth"))
         by_name = {info.name: info for info in models}
-        info = by_name.get(name) or by_name.get(name.removesuffix(".pth"))
-        if info is not None:
-            return info
+        for candidate in candidates:
+            if candidate in by_name:
+                return by_name[candidate]
+        with self._lock:
+            gone = [candidate for candidate in candidates if candidate in self._offered]
+        if gone:
+            raise model_unavailable(gone[0])
         available = ", ".join(m.name for m in models)
         raise ServiceError(404, f"unknown model {name!r}; available: {available}")
 
     def _inspect(self, path: Path) -> tuple[tuple[int, int], ModelInfo | None]:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # deleted since the folder was listed
+            return (-1, -1), None
         key = (stat.st_mtime_ns, stat.st_size)
         cached = self._seen.get(path)
         if cached is not None and cached[0] == key:
@@ -247,8 +306,7 @@ def answered_as_service_errors(model: ModelInfo | None = None) -> Iterator[None]
             raise
         # The file vanished or changed since it was listed; the server log keeps the path, not the client.
         log.error("model %s failed to load: %s", model.name, err)
-        detail = f"model {model.name!r} could not be loaded; reload the page to see the models"
-        raise ServiceError(503, detail) from None
+        raise model_unavailable(model.name) from None
 
 
 def read_upload(file: UploadFile) -> Upload:
@@ -358,6 +416,7 @@ def create_app(
         raise Galaxy10Error(f"models folder {folder} not found: pass --models-dir with your .pth files")
     if max_upload_mb <= 0:
         raise Galaxy10Error(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    max_upload_bytes = int(max_upload_mb * 2**20)
     registry = ModelRegistry(folder, default_model)
     templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
     # One inference at a time per core: more only adds memory (Grad-CAM keeps activations), not speed.
@@ -397,7 +456,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
-    app.add_middleware(UploadLimitMiddleware, max_bytes=int(max_upload_mb * 2**20), too_large=too_large)
+    app.state.max_upload_bytes = max_upload_bytes  # InMemoryUploadRequest's spool
+    app.router.route_class = InMemoryUploadRoute  # for the routes below
+    app.add_middleware(UploadLimitMiddleware, max_bytes=max_upload_bytes, too_large=too_large)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ServiceError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -218,6 +219,31 @@ def bomb_png(width: int, height: int) -> bytes:
     data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
     return bytes(data)
+
+
+# ---------------------------------------------------------------- images and ports
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """An image encoded in memory (PNG, or any format PIL writes, such as "JPEG")."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def truncated(data: bytes) -> bytes:
+    """The first half of an encoded image: its header promises pixels the data no longer holds."""
+    return data[: len(data) // 2]
+
+
+def listening_socket() -> socket.socket:
+    """A TCP socket bound to a free loopback port and listening, until the caller closes it.
+
+    The port is held from the moment it is chosen: a server handed this socket (uvicorn's
+    ``Server.run(sockets=[sock])``) cannot lose it to another process, as it could if the port were
+    found free, let go and bound again.
+    """
+    return socket.create_server(("127.0.0.1", 0))
 
 
 # ---------------------------------------------------------------- processes

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import biased_checkpoint
+from conftest import biased_checkpoint, listening_socket
 
 from galaxy10 import CLASS_NAMES
 from main import create_app
@@ -40,30 +39,24 @@ def chromium() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A live uvicorn server on a free loopback port, serving a tiny 32 px checkpoint."""
+    """A live uvicorn server on a loopback port it holds from the start, serving a tiny 32 px checkpoint."""
     models = tmp_path_factory.mktemp("models")
     # A spread of confidences, so the bars have something to show.
     biased_checkpoint(models / f"{MODEL}.pth", (0.2, 0.9, 2.4, 1.6, -0.5, 0.6, 0.3, 1.1, -0.2, 0.8))
-    port = free_port()
-    config = uvicorn.Config(create_app(models), host="127.0.0.1", port=port, log_level="warning")
-    live = uvicorn.Server(config)
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not live.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    live.should_exit = True
-    thread.join(10)
+    with listening_socket() as sock:
+        host, port = sock.getsockname()
+        live = uvicorn.Server(uvicorn.Config(create_app(models), log_level="warning"))
+        thread = threading.Thread(target=live.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not live.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://{host}:{port}"
+        live.should_exit = True
+        thread.join(10)
 
 
 def save_screenshot(page, tmp_path: Path, name: str) -> Path:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
 import re
 import shutil
 import socket
@@ -12,23 +13,31 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import biased_checkpoint, bomb_png, save_original_checkpoint
+from conftest import (
+    biased_checkpoint,
+    bomb_png,
+    listening_socket,
+    png_bytes,
+    save_original_checkpoint,
+    truncated,
+)
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.responses import PlainTextResponse
 
 import main
-from cnn_use_model import predict
+from cnn_use_model import grad_cam, predict
 from galaxy10 import CLASS_NAMES, run_cli
-from main import UploadLimitMiddleware, create_app
+from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 BALANCED = "based_on_balanced_data_model"
@@ -53,12 +62,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(models_dir: Path) -> TestClient:
     with TestClient(create_app(models_dir, max_upload_mb=MAX_UPLOAD_MB)) as test_client:
         yield test_client
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +273,8 @@ def test_the_original_projects_checkpoint_is_served_by_name(tmp_path: Path, gala
             for name in (BALANCED, "model")
         ]
     assert answers[1]["model"] == "model"
-    assert answers[1]["probabilities"] == answers[0]["probabilities"]
+    # Two models loaded apart, run on whichever pool threads served them: equal, not bit for bit.
+    assert answers[1]["probabilities"] == pytest.approx(answers[0]["probabilities"], abs=1e-6)
 
 
 # ---------------------------------------------------------------- bad input
@@ -351,10 +355,6 @@ def test_middleware_passes_a_body_within_the_limit() -> None:
     received, sent = run_middleware([(b"content-length", b"80")], chunks=2)
     assert received == 2
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"read it all"
-
-
-def truncated(data: bytes) -> bytes:
-    return data[: len(data) // 2]
 
 
 @pytest.fixture(scope="module")
@@ -442,17 +442,116 @@ def test_missing_file_field_gets_422(client: TestClient, route: str) -> None:
         assert "The form is incomplete" in response.text and "file: Field required" in response.text
 
 
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_a_malformed_form_gets_400(client: TestClient, route: str) -> None:
+    response = client.post(route, content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400
+    assert "Missing boundary in multipart." in response.text
+
+
 def test_unknown_page_gets_a_friendly_404(client: TestClient) -> None:
     response = client.get("/no/such/page")
     assert response.status_code == 404
     assert "Back to the upload form" in response.text
 
 
+# ---------------------------------------------------------------- a listed model that goes away
+
+
+def overwrite_with_garbage(path: Path) -> None:
+    path.write_bytes(b"this file was a checkpoint\n" * 100)
+
+
+DAMAGE = {"deleted": Path.unlink, "overwritten with garbage": overwrite_with_garbage}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("when", ["before the request", "during the request"])
+@pytest.mark.parametrize(("route", "field"), [("/api/predict", "model"), ("/upload-file/", "network")])
+def test_a_listed_model_that_breaks_gets_503(
+    tmp_path: Path, galaxy_png: bytes, monkeypatch: pytest.MonkeyPatch,
+    damage: str, when: str, route: str, field: str,
+) -> None:
+    target = biased_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)  # warmed (cached) at startup
+    biased_checkpoint(tmp_path / f"{PLAIN}.pth", CIGAR_BIAS)  # so the folder never runs out of models
+    with TestClient(create_app(tmp_path)) as served:
+        assert re.findall(r'<option value="([^"]+)"', served.get("/").text) == [BALANCED, PLAIN]
+        if when == "before the request":
+            DAMAGE[damage](target)
+        else:  # after the name was looked up, before the model is used
+
+            def damaging_read_upload(file):
+                DAMAGE[damage](target)
+                return read_upload(file)
+
+            monkeypatch.setattr(main, "read_upload", damaging_read_upload)
+        response = served.post(route, files={"file": ("g.png", galaxy_png)}, data={field: BALANCED})
+    assert response.status_code == 503
+    detail = f"model '{BALANCED}' could not be loaded; reload the page to see the models"
+    assert detail in response.text.replace("&#39;", "'")
+    assert str(tmp_path) not in response.text
+
+
+def test_a_model_deleted_while_the_folder_is_listed_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    biased_checkpoint(tmp_path / "kept.pth", SPREAD_BIAS)
+    vanishing = biased_checkpoint(tmp_path / "vanishing.pth", SPREAD_BIAS)
+
+    def deleted_once_listed(path: Path) -> bool:  # runs after the folder was listed, before each file is read
+        if path == vanishing:
+            path.unlink()
+        return is_resume_file(path)
+
+    with TestClient(create_app(tmp_path)) as served:
+        monkeypatch.setattr(main, "is_resume_file", deleted_once_listed)
+        response = served.get("/api/models")
+    assert response.status_code == 200
+    assert [m["name"] for m in response.json()["models"]] == ["kept"]
+    assert not vanishing.exists()
+
+
 # ---------------------------------------------------------------- nothing written anywhere
 
 
+@pytest.fixture
+def temporary_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The temporary files created while the test runs, by the call that made each.
+
+    Counted where they are made: a file from TemporaryFile is unlinked at birth (O_TMPFILE on Linux),
+    so no folder listing ever shows it.
+    """
+    created: list[str] = []
+
+    def recording(name: str, make: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            created.append(name)
+            return make(*args, **kwargs)
+
+        return record
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, recording(name, getattr(tempfile, name)))
+    spooled = tempfile.SpooledTemporaryFile
+    monkeypatch.setattr(spooled, "rollover", recording("SpooledTemporaryFile.rollover", spooled.rollover))
+    return created
+
+
+def test_an_upload_up_to_the_limit_stays_in_memory(models_dir: Path, temporary_files: list[str]) -> None:
+    # Noise hardly compresses: a 5.6 MB PNG, over five times Starlette's default 1 MB in-memory spool.
+    noise = np.random.default_rng(4).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    upload = png_bytes(Image.fromarray(noise))
+    assert 5 * 2**20 < len(upload) < 6 * 2**20
+    with TestClient(create_app(models_dir, max_upload_mb=6)) as test_client:
+        for route in ("/api/predict", "/upload-file/"):
+            response = test_client.post(route, files={"file": ("big.png", upload, "image/png")})
+            assert response.status_code == 200
+    assert temporary_files == []
+
+
 def test_hostile_file_names_write_nothing_anywhere(
-    models_dir: Path, galaxy_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models_dir: Path, galaxy_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    temporary_files: list[str],
 ) -> None:
     before = {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")}
     models_before = tree_digest(models_dir)
@@ -461,7 +560,7 @@ def test_hostile_file_names_write_nothing_anywhere(
     temp.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    # Over Starlette's 1 MB in-memory spool, so the upload also passes through a temporary file.
+    # Over Starlette's default 1 MB in-memory spool, which would put it in a temporary file.
     big = png_bytes(Image.fromarray(np.random.default_rng(2).integers(0, 256, (700, 700, 3), dtype=np.uint8)))
     assert len(big) > 2**20
     names = [
@@ -476,7 +575,7 @@ def test_hostile_file_names_write_nothing_anywhere(
     assert "&lt;b&gt;bold&lt;/b&gt;.png" in page and "<b>bold</b>" not in page
     assert {folder: tree_digest(ROOT / folder) for folder in ("static", "templates")} == before
     assert tree_digest(models_dir) == models_before
-    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == []
+    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == [] and temporary_files == []
     assert not Path("/tmp/owned.png").exists()
 
 
@@ -510,6 +609,53 @@ def test_concurrent_requests_all_succeed(client: TestClient, galaxy_png: bytes) 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(call, range(16)))
     assert results == [(200, CLASS_NAMES[2])] * 16
+
+
+def test_at_most_one_inference_per_core_at_a_time(
+    models_dir: Path, galaxy_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    requests = 6
+    changed = threading.Condition()
+    count = {"arrived": 0, "inside": 0, "most inside": 0}
+    gate = threading.Semaphore(0)  # every inference waits here until the test lets them all go
+
+    def arriving(file):  # each request's last step before it waits for an inference slot
+        with changed:
+            count["arrived"] += 1
+            changed.notify_all()
+        return read_upload(file)
+
+    def gated(infer):
+        def slow_infer(*args, **kwargs):
+            with changed:
+                count["inside"] += 1
+                count["most inside"] = max(count["most inside"], count["inside"])
+                changed.notify_all()
+            gate.acquire(timeout=60)
+            with changed:
+                count["inside"] -= 1
+            return infer(*args, **kwargs)
+
+        return slow_infer
+
+    def call(i: int) -> int:
+        route = "/upload-file/" if i % 2 else "/api/predict"
+        return test_client.post(route, files={"file": ("g.png", galaxy_png)}).status_code
+
+    with TestClient(create_app(models_dir)) as test_client:  # the default model warms before the gates
+        monkeypatch.setattr(main, "read_upload", arriving)
+        monkeypatch.setattr(main, "predict", gated(predict))
+        monkeypatch.setattr(main, "grad_cam", gated(grad_cam))
+        with ThreadPoolExecutor(requests) as pool:
+            pending = [pool.submit(call, i) for i in range(requests)]
+            try:
+                with changed:  # every request is past its upload, and the first inferences are waiting
+                    assert changed.wait_for(lambda: count["arrived"] == requests and count["inside"] >= 2, 60)
+            finally:
+                gate.release(requests)  # whatever happened, so that no request is left waiting
+            assert [future.result(60) for future in pending] == [200] * requests
+    assert count["most inside"] == 2
 
 
 def test_inference_does_not_block_the_event_loop(
@@ -595,9 +741,7 @@ def test_a_port_outside_the_range_is_a_usage_error(
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     """A port something listens on, for the duration of the test."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
+    with listening_socket() as server:
         yield server.getsockname()[1]
 
 
@@ -614,15 +758,27 @@ def test_check_port_fails_on_a_port_in_use(
     assert capsys.readouterr().err == port_taken_error(taken_port) + "\n"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a held port counts as free only on Linux")
 def test_check_port_passes_on_a_free_port_and_leaves_it_free(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(main.uvicorn, "run", lambda *a, **k: pytest.fail("must not serve"))
-    with socket.socket() as finder:
-        finder.bind(("127.0.0.1", 0))
-        port = finder.getsockname()[1]
-    assert run_cli(main.main, ["--port", str(port), "--check-port"]) == 0
-    with socket.socket() as server:  # no SO_REUSEADDR: this fails if the check still held the port
-        server.bind(("127.0.0.1", port))
-        server.listen()
+    opened: list[socket.socket] = []
+
+    class RecordedSocket(socket.socket):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    # Bound with SO_REUSEADDR but not listening, as uvicorn's socket is before it serves: on Linux the
+    # port still counts as free, yet no other process can take it while the test runs.
+    with socket.socket() as reserved:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        with monkeypatch.context() as patch:
+            patch.setattr(main.socket, "socket", RecordedSocket)
+            assert run_cli(main.main, ["--port", str(port), "--check-port"]) == 0
+        assert len(opened) == 1 and opened[0].fileno() == -1  # the check let go of its socket
+        reserved.listen()  # and a server can listen on the port
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
