@@ -233,9 +233,16 @@ def flatten_feature_names(
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> CNNModel:
-    """Rebuild the trained model, in eval mode, from the checkpoint's own configuration."""
+    """Rebuild the trained model, in eval mode, from the checkpoint's own configuration; weights that do
+    not fit it (a damaged or hand-edited file) are a Galaxy10Error, not a RuntimeError deep in torch."""
     model = CNNModel(num_classes=len(checkpoint["class_names"]), image_size=checkpoint["image_size"])
-    model.load_state_dict(checkpoint["model_state_dict"])
+    try:
+        model.load_state_dict(checkpoint["model_state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0]
+        size, classes = checkpoint["image_size"], len(checkpoint["class_names"])
+        raise Galaxy10Error(f"the weights do not fit a {size} px {ARCHITECTURE} with {classes} classes "
+                            f"({first}); use a checkpoint written by cnn.py") from None
     return model.eval()
 
 

@@ -17,20 +17,16 @@ from conftest import (
     SIZE,
     bomb_png,
     galaxy_array,
+    png_bytes,
     save_original_checkpoint,
     spread_checkpoint,
+    truncated,
 )
 from PIL import Image
 
 import cnn_use_model as cum
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
 from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def plain_probabilities(ckpt: Path, images: list[Image.Image]) -> torch.Tensor:
@@ -184,8 +180,7 @@ def test_palette_greyscale_and_cmyk_images_decode_to_their_colours() -> None:
 
 
 def truncated_png() -> bytes:
-    data = png_bytes(Image.fromarray(galaxy_array(5)))
-    return data[: len(data) // 2]
+    return truncated(png_bytes(Image.fromarray(galaxy_array(5))))
 
 
 @pytest.mark.parametrize(

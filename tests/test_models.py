@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, load, original_layout, same_weights, save_original_checkpoint
 
 import models
-from galaxy10 import CLASS_NAMES
+from galaxy10 import CLASS_NAMES, Galaxy10Error
 
 SCRIPTS = {"load_data", "preprocess_and_balancing", "sample_data", "cnn", "cnn_use_model", "main"}
 
@@ -80,6 +80,16 @@ def test_the_first_linear_layers_width_gives_the_image_size(size: int) -> None:
     assert state["classifier.1.weight"].shape[1] == 512 * (size // 32) ** 2  # 32768 at 256 px
     checkpoint = models.from_original_checkpoint({"epoch": 3, "model_state_dict": state})
     assert checkpoint is not None and checkpoint["image_size"] == size
+
+
+def test_weights_that_do_not_fit_the_recorded_model_are_a_user_error(tmp_path: Path) -> None:
+    """A file that says 32 px but holds a 64 px model's weights: one clear error, as the web page's 503
+    and the scripts' one line need, not a RuntimeError from load_state_dict."""
+    path = tmp_path / "mislabelled.pth"
+    models.save_checkpoint({**models.checkpoint_metadata(32),
+                            "model_state_dict": models.CNNModel(image_size=64).state_dict()}, path)
+    with pytest.raises(Galaxy10Error, match="do not fit a 32 px DeepCNN-5Block with 10 classes"):
+        models.model_from_checkpoint(models.load_checkpoint(path))
 
 
 # ---------------------------------------------------------------- which module imports which
