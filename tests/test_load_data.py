@@ -28,6 +28,7 @@ from conftest import (
 )
 from PIL import Image
 
+import galaxy10
 import load_data
 from galaxy10 import CLASS_NAMES, run_cli
 from load_data import CHUNK_ROWS, split_rows
@@ -294,9 +295,9 @@ def test_a_process_of_another_user_counts_as_alive(monkeypatch) -> None:
     def not_permitted(pid: int, sig: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    assert load_data.process_alive(os.getpid())
-    monkeypatch.setattr(load_data.os, "kill", not_permitted)
-    assert load_data.process_alive(1)
+    assert galaxy10.process_alive(os.getpid())
+    monkeypatch.setattr(galaxy10.os, "kill", not_permitted)
+    assert galaxy10.process_alive(1)
 
 
 # ---------------------------------------------------------------- bad input
