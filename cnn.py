@@ -1,7 +1,7 @@
 """Training: DeepCNN-5Block (models.py) on class folders of galaxy images, with early stopping.
 
     python cnn.py                      # the original configuration: balanced_data/, 256 px
-    python cnn.py --preset cpu         # a CPU-sized profile: 64 px, 7 epochs (the demo's)
+    python cnn.py --preset cpu         # a CPU-sized profile: 64 px, 4 epochs (the demo's)
     python cnn.py --recipe original    # the original project's initialisation, optimiser and schedule
     python cnn.py --resume             # continue an interrupted run where it stopped
     python cnn.py --init-from model.pth   # fine-tune any checkpoint, the original project's included
