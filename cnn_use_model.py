@@ -356,7 +356,7 @@ def _top_k_count(top_k: int | None, num_classes: int) -> int:
 
 
 def model_input(image: Image.Image, image_size: int) -> torch.Tensor:
-    """The uint8 (3, S, S) tensor the model sees: exactly training's preprocessing (models.image_to_tensor)."""
+    """The uint8 (3, S, S) tensor the model sees: training's preprocessing (models.image_to_tensor)."""
     try:
         return image_to_tensor(image, image_size)
     except (OSError, ValueError) as err:  # modes PIL cannot convert to RGB
