@@ -14,14 +14,11 @@ from galaxy10 import Galaxy10Error
 DEVICES = ("auto", "cpu", "cuda")
 T = TypeVar("T")
 def select_device(name: str) -> torch.device:
-    """The device to train on; on CUDA, also the fast-kernel settings."""
+    """The device a --device value names: auto is a GPU where PyTorch sees one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise Galaxy10Error("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device auto")
-    if name == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
     return torch.device(name)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cnn_use_model
 from models import CNNModel, checkpoint_metadata, save_checkpoint, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,15 @@ def colour_folders(root: Path, classes: tuple[str, ...] = ("0", "1"), per_class:
             pixels = one if same else np.array(COLOURS[label % len(COLOURS)]) + rng.normal(0, 25, (32, 32, 3))
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
     return root
+
+
+@pytest.fixture
+def cpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference on the CPU where it would pick a GPU (--device auto), as the tests' float32 references are
+    computed; a test that asks for a device by name still gets it."""
+    choose = cnn_use_model.select_device
+    monkeypatch.setattr(cnn_use_model, "select_device",
+                        lambda name: torch.device("cpu") if name == "auto" else choose(name))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ import catalog
 import cnn_use_model as cum
 from galaxy10 import CLASS_NAMES, run_cli
 
+pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+
 
 def survey_images(folder: Path, n: int, size: int = 40) -> list[str]:
     """`n` small galaxy PNGs in folder/cutouts, named as a catalog in `folder` names them."""
@@ -180,7 +182,7 @@ def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_
         Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(tmp_path / f"big{i}.png")
     table = write_catalog(tmp_path / "catalog.csv", {"path": [f"big{i % 4}.png" for i in range(48)]})
     command = [sys.executable, str(ROOT / "cnn_use_model.py"), str(table), "--model", str(ckpt),
-               "--chunk-size", "4", "--batch-size", "4"]
+               "--chunk-size", "4", "--batch-size", "4", "--device", "cpu"]
     killed, uninterrupted = tmp_path / "killed.parquet", tmp_path / "uninterrupted.parquet"
     env = one_thread_env()
     process = subprocess.Popen([*command, "--out", str(killed)], env=env,

@@ -28,6 +28,8 @@ import cnn_use_model as cum
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
 from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
 
+pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+
 
 def plain_probabilities(ckpt: Path, images: list[Image.Image]) -> torch.Tensor:
     """The reference: cnn.py's own model and preprocessing, float32, no optimisation."""
@@ -143,6 +145,15 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
         fp32 = model.fp32(cum.to_model_input(images)).softmax(1)
     torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=0)
     torch.testing.assert_close(probs[[1, 3]], logits[[1, 3]].softmax(1), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_inference_agrees_with_the_cpu(ckpt64: Path) -> None:
+    images = [galaxy_array(seed, size=72) for seed in range(100, 110)]
+    cpu, gpu = (torch.tensor([p.probabilities for p in cum.predict_batch(images, ckpt64, device=device)])
+                for device in ("cpu", "cuda"))
+    assert torch.equal(gpu.argmax(1), cpu.argmax(1))
+    assert (gpu - cpu).abs().max() < 2e-3  # cuDNN convolves in TF32 by default: about 1e-3 relative
 
 
 def test_image_modes(ckpt: Path, tmp_path: Path) -> None:

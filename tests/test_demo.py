@@ -17,6 +17,8 @@ from fastapi.testclient import TestClient
 from galaxy10 import CLASS_NAMES
 from main import create_app
 
+pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 

@@ -39,6 +39,8 @@ from cnn_use_model import grad_cam, predict
 from galaxy10 import CLASS_NAMES, run_cli
 from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
 
+pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+
 ROOT = Path(__file__).resolve().parents[1]
 BALANCED = "based_on_balanced_data_model"
 PLAIN = "based_on_data_model"
