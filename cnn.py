@@ -49,19 +49,29 @@ from distributed import (
     is_main_process,
     join_process_group,
     launched_by_torchrun,
+    native_bf16,
     rank,
     select_device,
     use_local_gpu,
     world_size,
 )
 from galaxy10 import CLASS_NAMES, Galaxy10Error, atomic_path, run_cli
-from models import (
+from models import (  # CNNModel and load_checkpoint stay importable from cnn, as the README used to say
+    ARCHITECTURES,
+    DEFAULT_ARCH,
     IMAGE_EXTENSIONS,
-    CNNModel,
+    CNNModel,  # noqa: F401
+    architecture,
+    build_model,
+    check_crop,
+    checkpoint_architecture,
+    checkpoint_crop,
     checkpoint_metadata,
     checkpoint_recipe,
+    dihedral_views,
     image_to_tensor,
     load_checkpoint,
+    load_pretrained,
     model_from_checkpoint,
     output_path,
     resume_path,
@@ -97,10 +107,15 @@ class Config:
     num_classes: int = 10
     patience: int = 10
     min_delta: float = 0.0001
+    arch: str = DEFAULT_ARCH
+    weights: str = ""
     recipe: str = "default"
+    crop: float | None = None  # None: the recipe's
+    augment: str | None = None  # None: the recipe's
     preset: str = ""
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"
     workers: int = 2
     no_augment: bool = False
     no_dropout: bool = False
@@ -109,6 +124,13 @@ class Config:
     init_from: str = ""
     compile: bool = False
     evaluate: bool = False
+
+    def settle(self) -> Config:
+        """This configuration with the recipe's crop and augmentation where no flag chose them."""
+        recipe = RECIPES[self.recipe]
+        crop = recipe.crop if self.crop is None else self.crop
+        augmentation = "none" if self.no_augment else self.augment or recipe.augment
+        return dataclasses.replace(self, crop=crop, augment=augmentation)
 
 
 # Config field -> (flag, help); the parser and the printed resume command both come from this table.
@@ -124,15 +146,25 @@ FLAGS: dict[str, tuple[str, str]] = {
     "num_classes": ("--num-classes", "class folders expected in each data folder"),
     "patience": ("--patience", "epochs without val-loss improvement before stopping early"),
     "min_delta": ("--min-delta", "smallest val-loss decrease that counts as an improvement"),
-    "recipe": ("--recipe", "how the model is initialised and optimised: default, or original (the "
-                           "original project's recipe exactly, for comparison)"),
-    "preset": ("--preset", "a named set of defaults: cpu (a few minutes' training on a CPU); explicit "
-                           "flags still override it"),
+    "arch": ("--arch", f"the network: {', '.join(ARCHITECTURES)} (DeepCNN-5Block is the original's; the "
+                       "others are torchvision's, built from scratch)"),
+    "weights": ("--weights", "start a torchvision network from imagenet (torchvision's weights, downloaded "
+                             "once) or a state-dict FILE of the same network; its classifier is new"),
+    "recipe": ("--recipe", "how the model is initialised, augmented and optimised: default, or original "
+                           "(the original project's recipe exactly, for comparison)"),
+    "crop": ("--crop", "keep the central fraction F of the shorter side before resizing; 1 is the whole "
+                       "frame (default: the recipe's: 0.5 default, 1 original)"),
+    "augment": ("--augment", "training augmentation: original, dihedral (the 8 flips and quarter turns, "
+                             "exact), rotation (any angle) or none (default: the recipe's: dihedral default, "
+                             "original original)"),
+    "preset": ("--preset", "a named set of defaults: cpu (the demo: a few minutes on a CPU) or real-cpu "
+                           "(a small set of real galaxies, 10 minutes on a CPU); explicit flags win"),
     "seed": ("--seed", "seed for weights, shuffling, augmentation and dropout"),
     "device": ("--device", "auto, cpu or cuda; auto picks cuda when available"),
+    "precision": ("--precision", "auto, fp32 or bf16: bfloat16 autocast for training and validation; auto "
+                                 "uses it on CUDA and on CPUs that compute it natively (AVX512-BF16, AMX)"),
     "workers": ("--workers", "threads decoding images into the cache"),
-    "no_augment": ("--no-augment", "train on the images as they are: no flip, rotation, shift, "
-                                   "perspective or colour jitter"),
+    "no_augment": ("--no-augment", "train on the images as they are (the same as --augment none)"),
     "no_dropout": ("--no-dropout", "train without dropout"),
     "sync_bn": ("--sync-bn", "under torchrun on GPUs, BatchNorm statistics over all processes' "
                              "batches (SyncBatchNorm); ignored in one process"),
@@ -147,7 +179,13 @@ FLAGS: dict[str, tuple[str, str]] = {
 # `make demo` runs without a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 64, "num_epochs": 4, "patience": 3},
+    # real-cpu: the best measured on the 555 real galaxies of ../shared within 10 minutes of training on
+    # 2 cores (README, "Results"; benchmarks/bench_real.py).
+    "real-cpu": {"arch": "resnet18", "image_size": 64, "num_epochs": 60, "patience": 60,
+                 "learning_rate": 0.001},
 }
+PRECISIONS = ("auto", "fp32", "bf16")
+AUGMENTATIONS = ("original", "dihedral", "rotation", "none")
 
 
 # ---------------------------------------------------------------- the training recipe
@@ -169,6 +207,8 @@ class Recipe:
     lr_scale: float  # the optimiser's peak learning rate is --lr x lr_scale
     schedule: str  # "plateau": ReduceLROnPlateau on val loss; "cosine": per-step warm-up, then cosine
     warmup: float  # share of the planned steps spent warming up linearly from 0 (cosine only)
+    crop: float  # the centre crop, unless --crop says otherwise
+    augment: str  # one of AUGMENTATIONS, unless --augment says otherwise
 
 
 RECIPES: dict[str, Recipe] = {
@@ -189,9 +229,15 @@ RECIPES: dict[str, Recipe] = {
         # anneals within any epoch budget.
         schedule="cosine",
         warmup=0.1,
+        # The galaxies fill the middle third of the frame (Dieleman et al. 2015 kept the central 207 of
+        # 424 px). Real galaxies, resnet18, 64 px: README, "Results".
+        crop=0.5,
+        # A galaxy has no up or down: the 8 exact flips and quarter turns beat the original's
+        # augmentations and full-circle rotation on real galaxies (README, "Results").
+        augment="dihedral",
     ),
     "original": Recipe(name="original", head_init="normal", optimizer="adam", weight_decay=0.0, lr_scale=1.0,
-                       schedule="plateau", warmup=0.0),
+                       schedule="plateau", warmup=0.0, crop=1.0, augment="original"),
 }
 
 
@@ -369,21 +415,22 @@ def check_classes(train: FolderScan, val: FolderScan, num_classes: int) -> None:
         )
 
 
-def read_image(path: Path, image_size: int) -> torch.Tensor:
+def read_image(path: Path, image_size: int, crop: float) -> torch.Tensor:
     """One image file as the model's uint8 input; an unreadable file is a user error naming it."""
     try:
         with Image.open(path) as image:
-            return image_to_tensor(image, image_size)
+            return image_to_tensor(image, image_size, crop)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise Galaxy10Error(f"cannot read image {path} ({err}); replace or delete it") from None
 
 
-def decode_images(paths: Sequence[Path], image_size: int, workers: int, desc: str) -> torch.Tensor:
+def decode_images(paths: Sequence[Path], image_size: int, crop: float, workers: int, desc: str
+                  ) -> torch.Tensor:
     """Decode every image once into a uint8 (N, 3, S, S) tensor; Pillow releases the GIL, so threads scale."""
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
 
     def load(i: int) -> None:
-        images[i] = read_image(paths[i], image_size)
+        images[i] = read_image(paths[i], image_size, crop)
 
     pool = ThreadPoolExecutor(max_workers=max(workers, 1))
     try:
@@ -423,9 +470,9 @@ def place_cache(images: torch.Tensor, labels: torch.Tensor, device: torch.device
 
 
 def build_cache(
-    scan: FolderScan, image_size: int, device: torch.device, workers: int, desc: str
+    scan: FolderScan, image_size: int, crop: float, device: torch.device, workers: int, desc: str
 ) -> ImageCache:
-    images = decode_images(scan.paths, image_size, workers, desc)
+    images = decode_images(scan.paths, image_size, crop, workers, desc)
     return place_cache(images, torch.tensor(scan.labels, dtype=torch.long), device)
 
 
@@ -545,16 +592,64 @@ def augment_batch(
     return jitter_brightness_contrast(x, generator, brightness, contrast)
 
 
+def dihedral_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each square image in one of the 8 symmetries of the square, drawn per sample: a mirror with p = 0.5,
+    then 0-3 quarter turns. Exact: pixels move, none is interpolated."""
+    n = x.shape[0]
+    mirror = torch.rand(n, generator=generator, device=x.device) < 0.5
+    turns = torch.randint(0, 4, (n,), generator=generator, device=x.device)
+    x = torch.where(mirror.view(n, 1, 1, 1), x.flip(3), x)
+    for k in (1, 2, 3):
+        x = torch.where((turns == k).view(n, 1, 1, 1), torch.rot90(x, k, dims=(2, 3)), x)
+    return x
+
+
+def rotate_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A mirror with p = 0.5 and a rotation by any angle, per sample, in one bilinear resample; the sky is
+    reflected into the corners, never black."""
+    n, _, height, width = x.shape
+    d = x.device
+    flip = torch.where(torch.rand(n, generator=generator, device=d) < 0.5, -1.0, 1.0)
+    angle = _uniform(n, 0.0, 2 * math.pi, generator, d)
+    cos, sin = angle.cos(), angle.sin()
+    warps = _matrices(n, d, m00=flip) @ _matrices(n, d, m00=cos, m01=-sin, m10=sin, m11=cos)
+    grid = sampling_grid(warps, height, width)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Tensor:
+    """A float batch in [0, 1] augmented per sample as `mode` (one of AUGMENTATIONS) says, on its device."""
+    if mode == "original":
+        return augment_batch(x, generator)
+    if mode == "dihedral":
+        return dihedral_batch(x, generator)
+    if mode == "rotation":
+        return rotate_batch(x, generator)
+    return x
+
+
 # ---------------------------------------------------------------- training
 
 
 
 
-def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 is slower."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether --precision means bfloat16 autocast on this device: auto takes it on CUDA and on CPUs that
+    compute bfloat16 natively (measured on a 2-core AMX Xeon, 64 px DeepCNN-5Block: 1.5x the images/s of
+    float32; README, "Results"); elsewhere bfloat16 is emulated and slower, so auto stays float32."""
+    if precision == "fp32":
+        return False
+    if device.type == "cuda" or native_bf16(device):
+        return True
+    if precision == "bf16":
+        raise Galaxy10Error("--precision bf16 needs a CUDA GPU or a CPU with AVX512-BF16 or AMX, which this "
+                            "one lacks; use --precision fp32 (or auto)")
+    return False
+
+
+def mixed_precision(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast where `bf16`; float32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def train_step(
@@ -564,14 +659,16 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator | None,
+    augmentation: str = "original",
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch, augmented unless generator is None; returns (loss, correct
-    count) without waiting for the GPU."""
+    """One optimisation step on a uint8 batch, augmented as `augmentation` says unless generator is None;
+    returns (loss, correct count) without waiting for the GPU."""
     x = to_model_input(images)
     if generator is not None:
-        x = augment_batch(x, generator)
+        x = augment(x, generator, augmentation)
     x = x.contiguous(memory_format=torch.channels_last)
-    with mixed_precision(images.device):
+    with mixed_precision(images.device, bf16):
         logits = model(x)
         loss = criterion(logits, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -582,21 +679,35 @@ def train_step(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, cache: ImageCache, batch_size: int) -> torch.Tensor:
+def predict_logits(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False) -> torch.Tensor:
     """fp32 logits for every cached image, in cache order."""
     model.eval()
     outputs = []
     for images, _ in iterate_batches(cache, batch_size):
-        with mixed_precision(cache.device):
+        with mixed_precision(cache.device, bf16):
             outputs.append(model(to_model_input(images).contiguous(memory_format=torch.channels_last)).float())
     return torch.cat(outputs)
 
 
+@torch.inference_mode()
+def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False) -> torch.Tensor:
+    """Class probabilities for every cached image, averaged over its 8 flips and quarter turns; each forward
+    pass takes about batch_size images, as predict_logits's do."""
+    model.eval()
+    outputs = []
+    for images, _ in iterate_batches(cache, max(1, batch_size // 8)):
+        with mixed_precision(cache.device, bf16):
+            views = dihedral_views(to_model_input(images)).contiguous(memory_format=torch.channels_last)
+            probs = model(views).float().softmax(1)
+        outputs.append(probs.view(8, len(images), -1).mean(0))
+    return torch.cat(outputs)
+
+
 def evaluate(
-    model: nn.Module, cache: ImageCache, criterion: nn.Module, batch_size: int
+    model: nn.Module, cache: ImageCache, criterion: nn.Module, batch_size: int, bf16: bool = False
 ) -> tuple[float, float]:
     """Mean loss and accuracy over the whole cache."""
-    logits = predict_logits(model, cache, batch_size)
+    logits = predict_logits(model, cache, batch_size, bf16)
     loss = criterion(logits, cache.labels.to(logits.device)).item()
     accuracy = (logits.argmax(1).cpu() == cache.labels.cpu()).float().mean().item()
     return loss, accuracy
@@ -636,7 +747,7 @@ class Run:
     config: Config
     device: torch.device
     class_names: list[str]
-    model: CNNModel  # restored
+    model: nn.Module  # restored
     forward: nn.Module  # the model, or its torch.compile wrapper
     optimizer: torch.optim.Optimizer  # restored
     scheduler: Scheduler  # restored
@@ -646,6 +757,8 @@ class Run:
     shuffle_rng: torch.Generator  # restored
     augment_rng: torch.Generator  # restored
     stopper: EarlyStopping  # restored
+    bf16: bool = False  # bfloat16 autocast (--precision)
+    weights: str | None = None  # what --weights started the network from
     history: dict[str, list[float]] = field(default_factory=new_history)  # restored
     epoch: int = 0  # last finished epoch; restored
 
@@ -679,9 +792,9 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
     desc = f"epoch {epoch}/{run.config.num_epochs}"
     bar = tqdm(batches, total=num_batches, desc=desc, unit="batch", leave=False,
                disable=not is_main_process())
-    augment_rng = None if run.config.no_augment else run.augment_rng
     for step, (images, labels) in enumerate(bar, 1):
-        loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, augment_rng)
+        loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, run.augment_rng,
+                                run.config.augment, run.bf16)
         if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             run.scheduler.step()
         loss_sum += loss * len(labels)
@@ -698,10 +811,13 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
 def make_run(
     config: Config, device: torch.device, class_names: list[str], train: ImageCache, val: ImageCache
 ) -> Run:
-    """A fresh model, optimiser and schedule for config; seeded, so the same seed gives the same run."""
+    """A fresh model (from --weights where given), optimiser and schedule for config; seeded, so the same seed
+    gives the same run."""
+    config = config.settle()
     torch.manual_seed(config.seed)
     recipe = RECIPES[config.recipe]
-    model = CNNModel(len(class_names), config.image_size, head_init=recipe.head_init)
+    model = build_model(config.arch, len(class_names), config.image_size, head_init=recipe.head_init)
+    weights = load_pretrained(model, config.arch, config.weights) if config.weights else None
     print_model_summary(model, config.image_size)
     model = model.to(device, memory_format=torch.channels_last)
     if config.no_dropout:
@@ -726,10 +842,12 @@ def make_run(
         shuffle_rng=torch.Generator().manual_seed(config.seed),
         augment_rng=torch.Generator(device).manual_seed(config.seed + 1 + RANK_SEED_STRIDE * rank()),
         stopper=EarlyStopping(config.patience, config.min_delta),
+        bf16=uses_bf16(config.precision, device),
+        weights=weights,
     )
 
 
-def print_model_summary(model: CNNModel, image_size: int) -> None:
+def print_model_summary(model: nn.Module, image_size: int) -> None:
     """torchsummary's table, computed on CPU in eval mode so it changes no BatchNorm statistics."""
     model.eval()
     summary(model, (3, image_size, image_size), device="cpu")
@@ -760,10 +878,22 @@ def set_rng_state(run: Run, state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_record(run: Run) -> dict[str, Any]:
+    """What a checkpoint of this run says of it: the network, its preprocessing and classes (inference
+    rebuilds the model from these), the starting weights, the recipe and every setting."""
+    config = run.config
+    return {
+        **checkpoint_metadata(config.image_size, run.class_names, config.arch, config.crop),
+        "weights": run.weights,
+        "recipe": config.recipe,
+        "config": dataclasses.asdict(config),
+    }
+
+
 def best_payload(run: Run, epoch: int) -> dict[str, Any]:
     """The model checkpoint: the original keys plus what inference and reproduction need."""
     return {
-        **checkpoint_metadata(run.config.image_size, run.class_names),
+        **run_record(run),
         "epoch": epoch,
         "best_epoch": epoch,
         "model_state_dict": run.model.state_dict(),
@@ -771,15 +901,13 @@ def best_payload(run: Run, epoch: int) -> dict[str, Any]:
         "train_history": run.history,
         "final_val_loss": run.history["val_loss"][epoch - 1],
         "final_val_acc": run.history["val_acc"][epoch - 1],
-        "recipe": run.config.recipe,
-        "config": dataclasses.asdict(run.config),
     }
 
 
 def resume_payload(run: Run) -> dict[str, Any]:
     """Everything needed to continue after the last finished epoch as if never stopped."""
     return {
-        **checkpoint_metadata(run.config.image_size, run.class_names),
+        **run_record(run),
         "epoch": run.epoch,
         "model_state_dict": run.model.state_dict(),
         "optimizer_state_dict": run.optimizer.state_dict(),
@@ -788,8 +916,6 @@ def resume_payload(run: Run) -> dict[str, Any]:
         "train_history": run.history,
         "rng": rng_state(run),
         **rng_states_of_every_process(run),
-        "recipe": run.config.recipe,
-        "config": dataclasses.asdict(run.config),
     }
 
 
@@ -811,6 +937,11 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     if checkpoint_recipe(state) != run.config.recipe:
         raise Galaxy10Error(f"the resume file was trained with --recipe {checkpoint_recipe(state)}, not "
                             f"{run.config.recipe}; use the interrupted run's settings")
+    arch, crop = checkpoint_architecture(state), checkpoint_crop(state)
+    if arch.name != run.config.arch or crop != run.config.crop:
+        raise Galaxy10Error(f"the resume file is of --arch {arch.name} with --crop {crop:g}, not --arch "
+                            f"{run.config.arch} with --crop {run.config.crop:g}; use the interrupted run's "
+                            "settings")
     run.model.load_state_dict(state["model_state_dict"])
     run.optimizer.load_state_dict(state["optimizer_state_dict"])
     run.scheduler.load_state_dict(state["scheduler_state_dict"])
@@ -920,6 +1051,9 @@ def initial_weights(config: Config, class_names: list[str]) -> dict[str, torch.T
     if not config.init_from or config.resume:
         return None
     checkpoint = load_checkpoint(config.init_from, mmap=True)
+    arch = checkpoint_architecture(checkpoint)
+    if arch.name != config.arch:
+        raise Galaxy10Error(f"--init-from: {config.init_from} is a {arch.title}; pass --arch {arch.name}")
     if checkpoint["image_size"] != config.image_size:
         raise Galaxy10Error(f"--init-from: {config.init_from} was trained at {checkpoint['image_size']} px; "
                             f"pass --image-size {checkpoint['image_size']}")
@@ -943,15 +1077,18 @@ def training_device(name: str) -> torch.device:
 def fit(config: Config) -> dict[str, Any]:
     """Train as configured; returns the evaluation report of the best epoch on the val set."""
     device = training_device(config.device)
+    precision = "bf16" if uses_bf16(config.precision, device) else "fp32"
+    config = dataclasses.replace(config.settle(), precision=precision)  # the checkpoint records what ran
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     check_images_per_process(train_scan, val_scan)
     class_names = class_names_for(train_scan.classes)
     initial = initial_weights(config, class_names)
-    train = build_cache(train_scan, config.image_size, device, config.workers, "decoding train")
-    val = build_cache(val_scan, config.image_size, device, config.workers, "decoding val")
+    train = build_cache(train_scan, config.image_size, config.crop, device, config.workers, "decoding train")
+    val = build_cache(val_scan, config.image_size, config.crop, device, config.workers, "decoding val")
     print(f"train {len(train)} images ({train.where}), val {len(val)} images ({val.where}), "
-          f"{len(class_names)} classes, device {device.type}")
+          f"{len(class_names)} classes, device {device.type}, {precision}, {config.arch}, "
+          f"crop {config.crop:g}, augmentation {config.augment}")
     run = make_run(config, device, class_names, train, val)
     if config.resume:
         restore(run, load_resume_state(config.model_path))
@@ -968,7 +1105,8 @@ def fit(config: Config) -> dict[str, Any]:
         return from_main_process(None)  # the report, once rank 0 has written it
     best = finish_checkpoint(run)
     context = {"epoch": best["best_epoch"], "val_dir": config.val_dir, "recipe": config.recipe}
-    report = write_evaluation(run.model, val, class_names, config.model_path, run.eval_batch_size, context)
+    report = write_evaluation(run.model, val, class_names, config.model_path, run.eval_batch_size, context,
+                              run.bf16)
     return from_main_process(report)
 
 
@@ -1065,10 +1203,10 @@ def validate(run: Run) -> tuple[float, float]:
     same schedule and early-stopping decisions. Under torchrun each process evaluates its part of val
     (validation time shrinks with the process count like training time) and the sums are added up."""
     if world_size() == 1:
-        return evaluate(run.forward, run.val, run.criterion, run.eval_batch_size)
+        return evaluate(run.forward, run.val, run.criterion, run.eval_batch_size, run.bf16)
     broadcast_buffers(run.model)
     part = this_process_part(run.val)
-    loss, accuracy = evaluate(run.forward, part, run.criterion, run.eval_batch_size)
+    loss, accuracy = evaluate(run.forward, part, run.criterion, run.eval_batch_size, run.bf16)
     loss_sum, hits, count = sum_over_processes([loss * len(part), round(accuracy * len(part)), len(part)],
                                                run.device)
     return loss_sum / count, hits / count
@@ -1205,18 +1343,24 @@ def write_confusion(report: dict[str, Any], model_path: str | os.PathLike[str]) 
 
 def write_evaluation(
     model: nn.Module, val: ImageCache, class_names: list[str], model_path: str | os.PathLike[str],
-    batch_size: int, context: dict[str, Any],
+    batch_size: int, context: dict[str, Any], bf16: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate model on the val cache, write the report JSON and confusion PNG, print a summary."""
-    probs = predict_logits(model, val, batch_size).softmax(1).cpu().numpy()
-    report = {"checkpoint": str(model_path), **context,
-              **evaluation_report(val.labels.cpu().numpy(), probs, class_names)}
+    """Evaluate model on the val cache, write the report JSON and confusion PNG, print a summary. The report
+    also scores test-time augmentation: probabilities averaged over the 8 flips and quarter turns, as
+    cnn_use_model's --tta computes them."""
+    truth = val.labels.cpu().numpy()
+    probs = predict_logits(model, val, batch_size, bf16).softmax(1).cpu().numpy()
+    tta = predict_tta(model, val, batch_size, bf16).cpu().numpy()
+    tta_report = evaluation_report(truth, tta, class_names)
+    report = {"checkpoint": str(model_path), **context, **evaluation_report(truth, probs, class_names),
+              "tta": {"accuracy": tta_report["accuracy"], "macro_f1": tta_report["macro_f1"]}}
     write_json(report, output_path(model_path, "report.json"))
     write_confusion(report, model_path)
     worst = min(report["per_class"], key=lambda c: c["f1"])
-    print(f"evaluation on {report['n_samples']} val images: accuracy {report['accuracy']:.2%}, "
-          f"macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f}; weakest class "
-          f"{worst['class_name']} (F1 {worst['f1']:.3f}); report in {output_path(model_path, 'report.json')}")
+    print(f"evaluation on {report['n_samples']} val images: accuracy {report['accuracy']:.2%} (with TTA "
+          f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f}; "
+          f"weakest class {worst['class_name']} (F1 {worst['f1']:.3f}); report in "
+          f"{output_path(model_path, 'report.json')}")
     return report
 
 
@@ -1232,27 +1376,34 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             f"{checkpoint['class_names']}; point --val-dir at data with the same class folders"
         )
     model = model_from_checkpoint(checkpoint).to(device, memory_format=torch.channels_last)
-    val = build_cache(scan, checkpoint["image_size"], device, config.workers, "decoding val")
+    val = build_cache(scan, checkpoint["image_size"], checkpoint_crop(checkpoint), device, config.workers,
+                      "decoding val")
     context = {"epoch": checkpoint.get("best_epoch", checkpoint.get("epoch")), "val_dir": config.val_dir,
                "recipe": checkpoint_recipe(checkpoint)}
     return write_evaluation(model, val, class_names, config.model_path,
-                            eval_batch_size(config.batch_size, device), context)
+                            eval_batch_size(config.batch_size, device), context,
+                            uses_bf16(config.precision, device))
 
 
 # ---------------------------------------------------------------- command line
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default except an empty one (an unset path or preset)."""
+    """Shows every default except an empty one (an unset path or preset) or one the recipe decides."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default == "" else super()._get_help_string(action)
+        return action.help if action.default in ("", None) else super()._get_help_string(action)
+
+
+# The flags whose default (None: the recipe's) does not give their type.
+FLAG_TYPES: dict[str, type] = {"crop": float, "augment": str}
 
 
 def parse_config(argv: Sequence[str] | None) -> Config:
     """The flags as a Config; a --preset replaces the defaults, so flags given explicitly still win."""
     parser = argparse.ArgumentParser(
-        description="Train DeepCNN-5Block on class folders of galaxy images (or --evaluate a checkpoint).",
+        description="Train DeepCNN-5Block (or another --arch) on class folders of galaxy images, or "
+                    "--evaluate a checkpoint.",
         formatter_class=HelpFormatter,
     )
     for f in dataclasses.fields(Config):
@@ -1260,8 +1411,9 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help_text,
-                                metavar=flag[2:].upper(), choices=DEVICES if f.name == "device" else None)
+            parser.add_argument(flag, dest=f.name, type=FLAG_TYPES.get(f.name, type(f.default)),
+                                default=f.default, help=help_text, metavar=flag[2:].upper(),
+                                choices=DEVICES if f.name == "device" else None)
     preset = parser.parse_args(argv).preset
     if preset:
         if preset not in PRESETS:
@@ -1274,6 +1426,17 @@ def check_config(config: Config) -> None:
     """Settings that would otherwise fail deep inside PyTorch with a traceback."""
     if config.recipe not in RECIPES:
         raise Galaxy10Error(f"unknown --recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}")
+    architecture(config.arch)  # an unknown name is one line listing the choices
+    for name, choices in (("augment", AUGMENTATIONS), ("precision", PRECISIONS)):
+        value = getattr(config, name)
+        if value is not None and value not in choices:
+            raise Galaxy10Error(f"unknown {FLAGS[name][0]} {value!r}; choose one of: {', '.join(choices)}")
+    if config.crop is not None:
+        check_crop(config.crop)
+    if config.weights and not ARCHITECTURES[config.arch].torchvision:
+        raise Galaxy10Error(f"--weights starts a torchvision network: add --arch (one of "
+                            f"{', '.join(a for a in ARCHITECTURES if a != DEFAULT_ARCH)}); DeepCNN-5Block "
+                            "starts from a checkpoint with --init-from")
     if config.image_size < 32 or config.image_size % 32:
         raise Galaxy10Error(f"--image-size must be a positive multiple of 32 (the model halves it 5 times), "
                             f"not {config.image_size}")

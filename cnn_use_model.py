@@ -58,10 +58,11 @@ from catalog import (
     process_group,
     write_predictions,
 )
-from distributed import DEVICES, select_device
+from distributed import DEVICES, native_bf16, select_device
 from galaxy10 import Galaxy10Error, run_cli
 from models import (
     IMAGE_EXTENSIONS,
+    dihedral_views,
     image_to_tensor,
     load_checkpoint,
     model_from_checkpoint,
@@ -160,13 +161,6 @@ def _image_from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------- the model, prepared once
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 convolutions beat float32 here: CPUs with AVX512-BF16 or AMX compute them natively."""
-    if device.type != "cpu":
-        return False
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def fold_batchnorm(features: nn.Sequential) -> nn.Sequential:
@@ -272,12 +266,6 @@ class InferenceModel:
         peak = cam.max()
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
         return logits.detach()[0].softmax(dim=0).cpu(), cam.clamp_(0, 1).float().cpu().numpy()
-
-
-def dihedral_views(x: torch.Tensor) -> torch.Tensor:
-    """The 8 symmetries of the square (4 quarter turns, each also mirrored), stacked view-major: (8B, ...)."""
-    turns = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
-    return torch.cat(turns + [turn.flip(3) for turn in turns])
 
 
 _cache: dict[tuple[Path, str], tuple[tuple[int, int], InferenceModel]] = {}

@@ -1,6 +1,6 @@
-"""Where the work runs: the device, and the helpers for processes started by torchrun that training
-(cnn.py) and catalog prediction (catalog.py) share. A process started by plain `python` is a group of one:
-rank 0 of 1, the main process."""
+"""Where the work runs: the device (and whether its CPU computes bfloat16 natively), and the helpers for
+processes started by torchrun that training (cnn.py) and catalog prediction (catalog.py) share. A process
+started by plain `python` is a group of one: rank 0 of 1, the main process."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,14 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise Galaxy10Error("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device auto")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bfloat16 beats float32; on
+    others PyTorch emulates it, slower. Training (--precision auto) and inference both decide by it."""
+    if device.type != "cpu":
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def launched_by_torchrun() -> bool:
