@@ -42,7 +42,6 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from catalog import (
@@ -62,10 +61,14 @@ from distributed import DEVICES, native_bf16, select_device
 from galaxy10 import Galaxy10Error, run_cli
 from models import (
     IMAGE_EXTENSIONS,
+    checkpoint_crop,
+    crop_box,
     dihedral_views,
+    fold_batchnorm,
     image_to_tensor,
     load_checkpoint,
     model_from_checkpoint,
+    split_at_last_conv,
     to_model_input,
     to_rgb8,
 )
@@ -163,17 +166,6 @@ def _image_from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 # ---------------------------------------------------------------- the model, prepared once
 
 
-def fold_batchnorm(features: nn.Sequential) -> nn.Sequential:
-    """Each Conv2d -> BatchNorm2d pair as one Conv2d: exact in float32 up to rounding, one pass less."""
-    layers: list[nn.Module] = []
-    for layer in features:
-        if isinstance(layer, nn.BatchNorm2d) and layers and isinstance(layers[-1], nn.Conv2d):
-            layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
-        else:
-            layers.append(layer)
-    return nn.Sequential(*layers)
-
-
 class _Cast(nn.Module):
     """Casts activations between stages; lays images out channels_last, which oneDNN convolves fastest."""
 
@@ -188,34 +180,33 @@ class _Cast(nn.Module):
         return x.to(self.dtype)
 
 
-def _low_precision_copy(
-    features: nn.Sequential, classifier: nn.Sequential, dtype: torch.dtype
-) -> nn.Sequential:
-    """The network computing in `dtype` up to the first Linear (32768x2048 at 256 px: 89% of the weights,
-    which a batch-1 pass must read in full), then float32 for the small layers and the softmax."""
-    head = list(classifier)
-    first_linear = next(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear)) + 1
-    low = nn.Sequential(*features, *head[:first_linear])
-    low = copy.deepcopy(low).to(dtype)
-    return nn.Sequential(_Cast(dtype, channels_last=True), *low, _Cast(torch.float32), *head[first_linear:])
+def _low_precision_copy(body: nn.Module, head: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
+    """The network computing in `dtype` up to the head's first Linear (DeepCNN-5Block's 32768x2048 at 256 px:
+    89% of its weights, which a batch-1 pass must read in full; a torchvision network's only one), then
+    float32 for the small layers and the softmax."""
+    layers = list(head)
+    first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) + 1
+    low = copy.deepcopy(nn.Sequential(body, *layers[:first_linear])).to(dtype)
+    return nn.Sequential(_Cast(dtype, channels_last=True), *low, _Cast(torch.float32), *layers[first_linear:])
 
 
 class InferenceModel:
     """A checkpoint's model prepared for inference; shared by every thread (nothing in it is mutated)."""
 
     def __init__(self, checkpoint: dict[str, Any], name: str, device: torch.device) -> None:
-        model = model_from_checkpoint(checkpoint)
+        body, head = split_at_last_conv(model_from_checkpoint(checkpoint))
         self.name = name
+        self.architecture: str = checkpoint["architecture"]
         self.class_names: tuple[str, ...] = tuple(checkpoint["class_names"])
         self.image_size: int = checkpoint["image_size"]
+        self.crop = checkpoint_crop(checkpoint)
         self.device = device
-        self.features = fold_batchnorm(model.features).to(device, memory_format=torch.channels_last)
-        self.classifier = model.classifier.to(device)
-        self.fp32 = nn.Sequential(_Cast(torch.float32, channels_last=True), *self.features, *self.classifier)
+        # body: images to the last convolutional stage, with BatchNorm folded; head: pooling, classifier.
+        self.body = fold_batchnorm(body).to(device, memory_format=torch.channels_last)
+        self.head = head.to(device)
+        self.fp32 = nn.Sequential(_Cast(torch.float32, channels_last=True), self.body, *self.head)
         self.bf16 = (
-            _low_precision_copy(self.features, self.classifier, torch.bfloat16)
-            if native_bf16(device)
-            else self.fp32
+            _low_precision_copy(self.body, self.head, torch.bfloat16) if native_bf16(device) else self.fp32
         )
         for module in (self.fp32, self.bf16):
             module.eval().requires_grad_(False)
@@ -248,15 +239,16 @@ class InferenceModel:
         """Class probabilities (C,) of one uint8 image (3, S, S) and its Grad-CAM (S, S) in [0, 1] for
         `class_id` (None: the predicted class), both from one float32 forward pass.
 
-        The activation of the last conv block before its max-pool is detached and made the leaf that
-        autograd differentiates to, so no hook touches the shared model and threads do not interfere.
+        The last convolutional stage's activation (DeepCNN-5Block's before its max-pool) is detached and made
+        the leaf that autograd differentiates to, so no hook touches the shared model and threads do not
+        interfere.
         """
         x = to_model_input(image[None].to(self.device)).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            activation = self.features[:-1](x)
+            activation = self.body(x)
         activation.requires_grad_(True)
         with torch.enable_grad():
-            logits = self.classifier(self.features[-1](activation))
+            logits = self.head(activation)
             target = int(logits[0].argmax()) if class_id is None else class_id
             (gradient,) = torch.autograd.grad(logits[0, target], activation)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
@@ -343,10 +335,10 @@ def _top_k_count(top_k: int | None, num_classes: int) -> int:
     return min(top_k, num_classes)
 
 
-def model_input(image: Image.Image, image_size: int) -> torch.Tensor:
+def model_input(image: Image.Image, image_size: int, crop: float = 1.0) -> torch.Tensor:
     """The uint8 (3, S, S) tensor the model sees: training's preprocessing (models.image_to_tensor)."""
     try:
-        return image_to_tensor(image, image_size)
+        return image_to_tensor(image, image_size, crop)
     except (OSError, ValueError) as err:  # modes PIL cannot convert to RGB
         raise ImageError(f"cannot convert a {image.mode} image to RGB ({err})") from None
 
@@ -362,7 +354,7 @@ def predict(
     """Classify one image. `tta` averages over the 8 flips and quarter turns; `exact` computes in
     float32 only (about half as fast where the CPU has native bfloat16)."""
     model = load_model(model_path)
-    image = model_input(open_image(source), model.image_size)
+    image = model_input(open_image(source), model.image_size, model.crop)
     probs = model.probabilities(image[None], tta=tta, exact=exact)[0]
     return Prediction.from_probabilities(probs, model, top_k)
 
@@ -383,7 +375,7 @@ def iter_predictions(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = load_model(model_path, device)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for decoded in _decoded_batches(sources, model.image_size, batch_size, pool):
+        for decoded in _decoded_batches(sources, model.image_size, model.crop, batch_size, pool):
             images = [item for item in decoded if isinstance(item, torch.Tensor)]
             probs = iter(model.probabilities(torch.stack(images), tta=tta, exact=exact) if images else ())
             for item in decoded:
@@ -401,13 +393,14 @@ def predict_batch(
 
 
 def _decoded_batches(
-    sources: Iterable[Source], image_size: int, batch_size: int, pool: ThreadPoolExecutor
+    sources: Iterable[Source], image_size: int, crop: float, batch_size: int, pool: ThreadPoolExecutor
 ) -> Iterator[list[torch.Tensor | ImageError]]:
     """Batches of model inputs; the next one decodes in `pool` while the caller runs the model on this one."""
     remaining = iter(sources)
     pending: list[Future[torch.Tensor | ImageError]] = []
     while True:
-        upcoming = [pool.submit(_decode_for_model, s, image_size) for s in islice(remaining, batch_size)]
+        sources_now = islice(remaining, batch_size)
+        upcoming = [pool.submit(_decode_for_model, s, image_size, crop) for s in sources_now]
         if pending:
             yield [future.result() for future in pending]
         if not upcoming:
@@ -415,9 +408,9 @@ def _decoded_batches(
         pending = upcoming
 
 
-def _decode_for_model(source: Source, image_size: int) -> torch.Tensor | ImageError:
+def _decode_for_model(source: Source, image_size: int, crop: float) -> torch.Tensor | ImageError:
     try:
-        return model_input(open_image(source), image_size)
+        return model_input(open_image(source), image_size, crop)
     except ImageError as err:
         return err
 
@@ -436,19 +429,29 @@ def grad_cam(
     """The prediction (as `predict` makes it) and a Grad-CAM heatmap (S, S) float32 in [0, 1] for the
     predicted class, or for `class_id`: where the last conv block's evidence for that class lies."""
     model = load_model(model_path)
-    image = model_input(open_image(source), model.image_size)
+    image = model_input(open_image(source), model.image_size, model.crop)
     if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
     probabilities, heatmap = model.grad_cam(image, class_id)
     return Prediction.from_probabilities(probabilities, model, None), heatmap
 
 
-def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """The image with the heatmap (stretched to the image's size) blended over it in the turbo colour map."""
+def overlay_heatmap(
+    image: Image.Image, heatmap: np.ndarray, crop: float = 1.0, alpha: float = 0.45, outside: float = 0.5
+) -> Image.Image:
+    """The image with the heatmap blended over the region the model saw (the whole frame, or the centre crop
+    of a model trained with --crop) in the turbo colour map; outside a crop the image is dimmed to `outside`
+    of its brightness."""
     rgb = to_rgb8(image)
-    heat = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(rgb.size, Image.BILINEAR)
+    box = crop_box(rgb.size, crop)
+    left, top, right, bottom = (0, 0, *rgb.size) if box is None else (round(edge) for edge in box)
+    seen = rgb.crop((left, top, right, bottom))
+    heat = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(seen.size, Image.BILINEAR)
     colours = colormaps["turbo"](np.clip(np.asarray(heat), 0.0, 1.0))[..., :3]
-    return Image.blend(rgb, Image.fromarray((colours * 255 + 0.5).astype(np.uint8)), alpha)
+    overlay = Image.eval(rgb, lambda value: round(value * outside)) if box is not None else rgb.copy()
+    heat_rgb = Image.fromarray((colours * 255 + 0.5).astype(np.uint8))
+    overlay.paste(Image.blend(seen, heat_rgb, alpha), (left, top))
+    return overlay
 
 
 # ---------------------------------------------------------------- command line: what to classify

@@ -52,7 +52,7 @@ from cnn_use_model import (
     predict,
 )
 from galaxy10 import Galaxy10Error, run_cli
-from models import RESUME_KIND, load_checkpoint, to_rgb8
+from models import RESUME_KIND, checkpoint_crop, load_checkpoint, to_rgb8
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"
@@ -192,7 +192,9 @@ class ModelInfo:
 
     name: str
     path: Path
+    architecture: str
     image_size: int
+    crop: float  # the centre fraction of the frame the model sees
     class_names: tuple[str, ...]
     val_acc: float | None
     epoch: int | None
@@ -270,7 +272,9 @@ class ModelRegistry:
         info = ModelInfo(
             name=path.stem,
             path=path,
+            architecture=str(checkpoint["architecture"]),
             image_size=int(checkpoint["image_size"]),
+            crop=checkpoint_crop(checkpoint),
             class_names=tuple(checkpoint["class_names"]),
             val_acc=None if val_acc is None else float(val_acc),
             epoch=checkpoint.get("epoch"),
@@ -358,7 +362,7 @@ def result_context(
         "model": model,
         "bars": bars,
         "preview_url": data_url(preview),
-        "cam_url": data_url(overlay_heatmap(preview, heatmap)),
+        "cam_url": data_url(overlay_heatmap(preview, heatmap, model.crop)),
         "preview_size": preview.size,
     }
 
@@ -376,7 +380,9 @@ class PredictionOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
+    architecture: str
     image_size: int
+    crop: float
     num_classes: int
     class_names: list[str]
     val_acc: float | None
@@ -511,7 +517,9 @@ def create_app(
             "models": [
                 {
                     "name": m.name,
+                    "architecture": m.architecture,
                     "image_size": m.image_size,
+                    "crop": m.crop,
                     "num_classes": len(m.class_names),
                     "class_names": list(m.class_names),
                     "val_acc": m.val_acc,

@@ -158,7 +158,7 @@ def test_result_page_shows_class_sorted_bars_and_grad_cam(
     expected = predict(path, models_dir / f"{BALANCED}.pth")
     assert bars[0][0] == expected.class_name == CLASS_NAMES[2]
     assert f'<p id="verdict-class" class="verdict-class">{expected.class_name}</p>' in html
-    assert f"{BALANCED} (32 px input)" in html
+    assert f"{BALANCED} (DeepCNN-5Block, 32 px input)" in html
     assert "256&times;256 px, RGB, JPEG" in html and path.name in html
     preview, overlay = data_images(html)
     assert preview.size == overlay.size == (256, 256)
@@ -173,7 +173,7 @@ def test_result_page_uses_the_chosen_network(client: TestClient, galaxy_png: byt
     )
     assert response.status_code == 200
     assert meter_bars(response.text)[0][0] == CLASS_NAMES[4]
-    assert f"{PLAIN} (32 px input)" in response.text
+    assert f"{PLAIN} (DeepCNN-5Block, 32 px input)" in response.text
     assert "64&times;64 px, RGB, PNG" in response.text
 
 
@@ -219,7 +219,7 @@ def test_a_model_is_found_by_its_name_or_its_file_name(
     # The original page posted `network=based_on_balanced_data_model.pth`; scripts written for it still work.
     expected = name.removesuffix(".pth")
     page = client.post("/upload-file/", files={"file": ("g.png", galaxy_png)}, data={"network": name})
-    assert page.status_code == 200 and f"{expected} (32 px input)" in page.text
+    assert page.status_code == 200 and f"{expected} (DeepCNN-5Block, 32 px input)" in page.text
     answer = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}, data={"model": name})
     assert answer.status_code == 200 and answer.json()["model"] == expected
 
