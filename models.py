@@ -224,7 +224,10 @@ def load_pretrained(model: nn.Module, arch: str, weights: str) -> str:
     state, source = imagenet_state(arch) if weights == "imagenet" else (state_dict_file(weights), weights)
     output = last_linear_name(model.net)
     backbone = {key: value for key, value in state.items() if not key.startswith(f"{output}.")}
-    missing, unexpected = model.net.load_state_dict(backbone, strict=False)
+    try:
+        missing, unexpected = model.net.load_state_dict(backbone, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: another network's weights
+        missing, unexpected = [], [str(err).strip().splitlines()[1].strip()]
     wrong = [key for key in missing if not key.startswith(f"{output}.")] + unexpected
     if wrong:
         raise Galaxy10Error(f"--weights {weights} does not hold {arch}'s weights (first mismatch: "

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, load, original_layout, same_weights, save_original_checkpoint
+from PIL import Image
 
 import models
 from galaxy10 import CLASS_NAMES, Galaxy10Error
@@ -25,6 +28,52 @@ def test_model_has_the_original_size_and_takes_other_sizes() -> None:
         assert models.CNNModel(10, size).eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
     with pytest.raises(ValueError, match="multiple of 32"):
         models.CNNModel(10, 48)
+
+
+def randomised_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in eval mode with BatchNorm statistics and scales a trained model might have (fresh ones
+    are the identity, which would hide a wrong fold)."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(-0.2, 0.2, generator=generator)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
+@torch.no_grad()
+def test_every_network_splits_where_grad_cam_looks_and_folds_its_batchnorm(arch: str) -> None:
+    torch.manual_seed(0)
+    model = randomised_batchnorm(models.build_model(arch, 10, 64))
+    x = torch.rand(2, 3, 64, 64)
+    body, head = models.split_at_last_conv(model)
+    activation = body(x)
+    assert activation.dim() == 4 and activation.shape[2:] in ((2, 2), (4, 4))  # a convolutional stage's map
+    torch.testing.assert_close(head(activation), model(x), rtol=0, atol=0)
+    folded = models.fold_batchnorm(body)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(head(folded(x)), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_torchvision_network_is_torchvisions_own_after_imagenet_normalisation() -> None:
+    torch.manual_seed(0)
+    ours = models.build_model("resnet18", 10, 64).eval()
+    theirs = torchvision.models.get_model("resnet18", num_classes=10).eval()
+    theirs.load_state_dict(ours.net.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(ours(x), theirs((x - mean) / std))
+    # mean and std come from the checkpoint's preprocessing, so they are not among the weights
+    assert set(ours.state_dict()) == {f"net.{key}" for key in theirs.state_dict()}
+
+
+def test_an_unknown_architecture_is_one_line_listing_the_choices() -> None:
+    with pytest.raises(Galaxy10Error, match="unknown --arch 'vgg16'; choose one of: deepcnn5, resnet18"):
+        models.architecture("vgg16")
 
 
 def head_signal(model: models.CNNModel, x: torch.Tensor) -> list[float]:
@@ -80,6 +129,100 @@ def test_the_first_linear_layers_width_gives_the_image_size(size: int) -> None:
     assert state["classifier.1.weight"].shape[1] == 512 * (size // 32) ** 2  # 32768 at 256 px
     checkpoint = models.from_original_checkpoint({"epoch": 3, "model_state_dict": state})
     assert checkpoint is not None and checkpoint["image_size"] == size
+
+
+@pytest.mark.parametrize("arch", ["deepcnn5", "resnet18", "convnext_tiny"])
+def test_the_architecture_and_preprocessing_round_trip_through_a_checkpoint(
+    arch: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    model = randomised_batchnorm(models.build_model(arch, 3, 32))
+    path = tmp_path / "m.pth"
+    models.save_checkpoint({**models.checkpoint_metadata(32, ["a", "b", "c"], arch, crop=0.6),
+                            "model_state_dict": model.state_dict()}, path)
+    checkpoint = models.load_checkpoint(path)
+    assert models.checkpoint_architecture(checkpoint) == models.ARCHITECTURES[arch]
+    assert models.checkpoint_crop(checkpoint) == 0.6
+    normalised = models.ARCHITECTURES[arch].torchvision
+    assert ("mean" in checkpoint["preprocessing"]) == normalised
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(models.model_from_checkpoint(checkpoint)(x), model(x), rtol=0, atol=0)
+
+
+def test_older_checkpoints_without_a_crop_saw_the_whole_frame() -> None:
+    assert models.checkpoint_crop({"preprocessing": {"color": "RGB", "resize": "PIL bilinear"}}) == 1.0
+
+
+def galaxy_frame(width: int = 90, height: int = 60) -> Image.Image:
+    """A frame whose centre differs from its edges, so a crop shows."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_the_crop_keeps_the_central_square_of_the_shorter_side() -> None:
+    frame = galaxy_frame()  # 90 x 60: the central 30 x 30 square at crop 0.5
+    expected = frame.resize((32, 32), Image.BILINEAR, box=(30, 15, 60, 45))
+    cropped = models.image_to_tensor(frame, 32, 0.5).permute(1, 2, 0).numpy()
+    assert np.array_equal(cropped, np.asarray(expected))
+    # crop 1 keeps the original's preprocessing: the whole frame, squashed to a square
+    whole = frame.resize((32, 32), Image.BILINEAR)
+    assert np.array_equal(models.image_to_tensor(frame, 32).permute(1, 2, 0).numpy(), np.asarray(whole))
+    with pytest.raises(Galaxy10Error, match="--crop"):
+        models.check_crop(0.0)
+
+
+# ---------------------------------------------------------------- --weights
+
+
+def save_state_dict(path: Path, arch: str, num_classes: int = 1000) -> dict[str, torch.Tensor]:
+    """A state-dict file as torchvision users save one: torch.save(model.state_dict(), path)."""
+    torch.manual_seed(7)
+    state = torchvision.models.get_model(arch, num_classes=num_classes).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_weights_from_a_state_dict_file_start_the_backbone_and_keep_a_new_classifier(tmp_path: Path) -> None:
+    file = str(tmp_path / "resnet18.pth")
+    state = save_state_dict(tmp_path / "resnet18.pth", "resnet18")
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 10, 32)
+    fresh_fc = model.net.fc.weight.clone()
+    assert models.load_pretrained(model, "resnet18", file) == file
+    loaded = model.net.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items() if not key.startswith("fc."))
+    assert model.net.fc.weight.shape == (10, 512) and torch.equal(model.net.fc.weight, fresh_fc)
+
+
+def test_weights_of_another_network_are_a_user_error(tmp_path: Path) -> None:
+    save_state_dict(tmp_path / "resnet50.pth", "resnet50")
+    resnet18 = models.build_model("resnet18", 10, 32)
+    with pytest.raises(Galaxy10Error, match="does not hold resnet18's weights"):
+        models.load_pretrained(resnet18, "resnet18", str(tmp_path / "resnet50.pth"))
+    with pytest.raises(Galaxy10Error, match="needs a torchvision network"):
+        models.load_pretrained(models.build_model("deepcnn5", 10, 32), "deepcnn5", "imagenet")
+
+
+def test_imagenet_weights_come_from_torchs_cache_and_offline_the_error_says_what_to_put_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise OSError("no route to host")  # what urllib raises without a network
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    model = models.build_model("resnet18", 10, 32)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    with pytest.raises(Galaxy10Error, match=rf"put resnet18-f37072fd.pth \(from https://.*\) into {cache}"):
+        models.load_pretrained(model, "resnet18", "imagenet")
+    cache.mkdir(parents=True, exist_ok=True)
+    state = save_state_dict(cache / "resnet18-f37072fd.pth", "resnet18")  # as if downloaded once
+    source = models.load_pretrained(model, "resnet18", "imagenet")
+    assert source == "imagenet (ResNet18_Weights.IMAGENET1K_V1)"
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
 
 
 def test_weights_that_do_not_fit_the_recorded_model_are_a_user_error(tmp_path: Path) -> None:
