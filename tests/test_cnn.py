@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import (
     ROOT,
     assert_one_line_error,
@@ -23,6 +24,7 @@ from conftest import (
 from PIL import Image
 
 import cnn
+import models
 import preprocess_and_balancing
 import sample_data
 from galaxy10 import CLASS_NAMES, run_cli
@@ -194,13 +196,98 @@ def test_a_preset_sets_defaults_that_explicit_flags_override() -> None:
             plain.recipe) == (256, 32, 100, 10, 0.001, "default")
 
 
-@pytest.mark.parametrize(("flags", "choices"), [(["--preset", "gpu"], "cpu"),
-                                                (["--recipe", "fast"], "default, original")])
-def test_an_unknown_preset_or_recipe_is_a_one_line_error_listing_the_choices(
+@pytest.mark.parametrize(("flags", "choices"), [
+    (["--preset", "gpu"], "cpu, real-cpu"),
+    (["--recipe", "fast"], "default, original"),
+    (["--arch", "vgg16"], "deepcnn5, resnet18, resnet50, convnext_tiny, efficientnet_v2_s"),
+    (["--augment", "mixup"], "original, dihedral, rotation, none"),
+    (["--precision", "fp16"], "auto, fp32, bf16"),
+])
+def test_an_unknown_name_is_a_one_line_error_listing_the_choices(
     flags: list[str], choices: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert train(flags) == 2
     assert_one_line_error(capsys, flags[1], choices)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--crop", "0"], ["--crop", "(0, 1]"]),
+    (["--crop", "1.5"], ["--crop", "(0, 1]"]),
+    (["--weights", "imagenet"], ["--weights", "--arch", "--init-from"]),
+])
+def test_bad_crop_or_weights_are_one_line_errors(
+    flags: list[str], words: list[str], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tiny_args(data, tmp_path / "m.pth", *flags)) == 2
+    assert_one_line_error(capsys, *words)
+
+
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cnn, "native_bf16", lambda device: False)
+    assert train(tiny_args(data, tmp_path / "m.pth", "--precision", "bf16")) == 2
+    assert_one_line_error(capsys, "--precision bf16 needs", "--precision fp32")
+
+
+def test_the_recipes_choose_crop_and_augmentation_and_flags_override_them() -> None:
+    default = cnn.parse_config([]).settle()
+    assert (default.crop, default.augment) == (0.5, "dihedral")
+    original = cnn.parse_config(["--recipe", "original"]).settle()
+    assert (original.crop, original.augment) == (1.0, "original")  # the original saw the whole frame
+    chosen = cnn.parse_config(["--recipe", "original", "--crop", "0.6", "--augment", "rotation"]).settle()
+    assert (chosen.crop, chosen.augment) == (0.6, "rotation")
+    assert cnn.parse_config(["--no-augment"]).settle().augment == "none"
+
+
+def test_the_real_cpu_preset_and_explicit_flags() -> None:
+    real = cnn.parse_config(["--preset", "real-cpu"])
+    assert real.arch == cnn.PRESETS["real-cpu"]["arch"] != "deepcnn5"
+    assert cnn.parse_config(["--preset", "real-cpu", "--arch", "deepcnn5"]).arch == "deepcnn5"
+    assert cnn.parse_config(["--arch", "deepcnn5", "--preset", "real-cpu"]).arch == "deepcnn5"
+
+
+@pytest.fixture(scope="module")
+def resnet_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision network trained for 2 epochs from a state-dict file of resnet18 (--weights FILE)."""
+    folder = tmp_path_factory.mktemp("resnet")
+    torch.manual_seed(3)
+    torch.save(torchvision.models.resnet18().state_dict(), folder / "imagenet-like.pth")
+    model_path = folder / "resnet.pth"
+    flags = ["--arch", "resnet18", "--crop", "0.75", "--augment", "rotation", "--weights",
+             str(folder / "imagenet-like.pth")]
+    assert train(tiny_args(data, model_path, *flags)) == 0
+    return model_path
+
+
+def test_another_network_trains_and_its_checkpoint_says_how_to_rebuild_it(resnet_run: Path) -> None:
+    checkpoint = load(resnet_run)
+    assert checkpoint["architecture"] == "resnet18"
+    assert checkpoint["preprocessing"]["crop"] == 0.75
+    assert checkpoint["preprocessing"]["mean"] == list(models.IMAGENET_MEAN)
+    assert checkpoint["weights"] == str(resnet_run.parent / "imagenet-like.pth")
+    assert checkpoint["config"]["augment"] == "rotation"
+    assert checkpoint["config"]["precision"] in ("fp32", "bf16")  # what ran, not "auto"
+    model = cnn.model_from_checkpoint(cnn.load_checkpoint(resnet_run))
+    assert isinstance(model, models.TorchvisionNet) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
+    data: Path, resnet_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(resnet_run.read_bytes())
+    evaluate = ["--evaluate", "--model-path", str(copy), "--val-dir", str(data / "val"), "--device", "cpu"]
+    assert train(evaluate) == 0
+    report = json.loads(cnn.output_path(copy, "report.json").read_text())
+    assert report == {**json.loads(cnn.output_path(resnet_run, "report.json").read_text()),
+                      "checkpoint": str(copy)}
+    tuned = tmp_path / "tuned.pth"
+    flags = ["--arch", "resnet18", "--crop", "0.75", "--epochs", "1", "--init-from", str(resnet_run)]
+    assert train(tiny_args(data, tuned, *flags)) == 0
+    assert load(tuned)["architecture"] == "resnet18"
+    assert train(tiny_args(data, tmp_path / "m.pth", "--init-from", str(resnet_run))) == 2
+    assert_one_line_error(capsys, "is a resnet18; pass --arch resnet18")
 
 
 # ---------------------------------------------------------------- a training run's outputs
@@ -300,6 +387,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert {"scheduler_state_dict", "early_stopping", "rng"} <= state.keys()
 
     monkeypatch.undo()
+    assert train([*tiny_args(data, model_path), "--resume", "--arch", "resnet18"]) == 2
+    assert_one_line_error(capsys, "the resume file is of --arch deepcnn5", "the interrupted run's settings")
     assert train([*tiny_args(data, model_path), "--resume"]) == 0
     resumed, uninterrupted = load(model_path), load(trained)
     assert resumed["train_history"] == uninterrupted["train_history"]
