@@ -24,7 +24,9 @@ from conftest import (
 )
 from PIL import Image
 
+import cnn
 import cnn_use_model as cum
+import models
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
 from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
 
@@ -434,3 +436,127 @@ def test_real_galaxies_all_get_valid_predictions(ckpt: Path, real_galaxies: list
     for result in results:
         assert isinstance(result, cum.Prediction), result
         assert 0 <= result.class_id < 10 and sum(result.probabilities) == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the checkpoint's crop and network
+
+
+def framed_square(seed: int) -> np.ndarray:
+    """A 64 px frame whose central 32 px square and border have two different random colours: the centre
+    crop (--crop 0.5) and the whole frame, mostly border, look nothing alike."""
+    rng = np.random.default_rng(seed)
+    inner, outer = rng.uniform(0, 255, (2, 3))
+    frame = np.broadcast_to(outer, (64, 64, 3)).copy()
+    frame[16:48, 16:48] = inner
+    return np.clip(frame + rng.normal(0, 20, frame.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[int], list[int]]:
+    """A checkpoint that crops 0.5, framed images, the classes its network gives their centre crops, and
+    those it gives the whole frames; the images are filed as val/<centre class>/<i>.png."""
+    root = tmp_path_factory.mktemp("cropped")
+    frames = [Image.fromarray(framed_square(seed)) for seed in range(12)]
+    inputs = [to_model_input(torch.stack([image_to_tensor(frame, SIZE, crop) for frame in frames]))
+              for crop in (0.5, 1.0)]
+    torch.manual_seed(0)
+    network = CNNModel(image_size=SIZE).eval()
+    with torch.no_grad():  # centre and spread the logits over these images, so their classes differ
+        logits = network(torch.cat(inputs))
+        scale = 3.0 / (logits - logits.mean(0)).std()
+        network.classifier[-1].weight.mul_(scale)
+        network.classifier[-1].bias.copy_(-logits.mean(0) * scale)
+        classes = [network(x).argmax(1).tolist() for x in inputs]
+    model_path = root / "cropped.pth"
+    metadata = models.checkpoint_metadata(SIZE, CLASS_NAMES, crop=0.5)
+    models.save_checkpoint({**metadata, "model_state_dict": network.state_dict()}, model_path)
+    paths = []
+    for label in range(10):
+        (root / "val" / str(label)).mkdir(parents=True)
+    for i, (frame, label) in enumerate(zip(frames, classes[0], strict=True)):
+        paths.append(root / "val" / str(label) / f"{i:02d}.png")
+        frame.save(paths[-1])
+    order = sorted(range(len(paths)), key=lambda i: str(paths[i]))  # as folders are listed
+    centre, whole = ([labels[i] for i in order] for labels in classes)
+    return model_path, [paths[i] for i in order], centre, whole
+
+
+def test_every_consumer_applies_the_checkpoints_crop(
+    cropped: tuple[Path, list[Path], list[int], list[int]], tmp_path: Path
+) -> None:
+    model_path, images, centre, whole = cropped
+    assert sum(c != w for c, w in zip(centre, whole, strict=True)) >= 4  # ignoring the crop would show
+    assert [cum.predict(path, model_path, exact=True).class_id for path in images] == centre
+    out = tmp_path / "folder.csv"
+    assert run_cli(cum.cli_main, [str(images[0].parents[1]), "--model", str(model_path), "--exact",
+                                  "--csv", str(out)]) == 0
+    with out.open(newline="") as f:
+        assert [int(row["class_id"]) for row in csv.DictReader(f)] == centre
+    with h5py.File(tmp_path / "val.h5", "w") as f:
+        f["images"] = np.stack([np.asarray(Image.open(path)) for path in images])
+    rows = tmp_path / "rows.csv"
+    assert run_cli(cum.cli_main, [str(tmp_path / "val.h5"), "--model", str(model_path), "--exact",
+                                  "--csv", str(rows)]) == 0
+    with rows.open(newline="") as f:
+        assert [int(row["class_id"]) for row in csv.DictReader(f)] == centre
+    tta = [cum.predict(path, model_path, tta=True, exact=True) for path in images]
+    rotated = [cum.predict(np.rot90(np.asarray(Image.open(path))).copy(), model_path, tta=True, exact=True)
+               for path in images]
+    for a, b in zip(tta, rotated, strict=True):  # the same 8 views of the same central crop
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    args = ["--evaluate", "--model-path", str(model_path), "--val-dir", str(images[0].parents[1]),
+            "--device", "cpu", "--precision", "fp32"]
+    assert run_cli(cnn.main, args) == 0
+    assert json.loads(cnn.output_path(model_path, "report.json").read_text())["accuracy"] == 1.0
+
+
+def torchvision_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
+    """A random torchvision network of this project at 32 px, with logits spread as a trained one's."""
+    torch.manual_seed(seed)
+    model = models.build_model(arch, 10, 32).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    probe = torch.from_numpy(np.stack([galaxy_array(s) for s in range(16)])).permute(0, 3, 1, 2)
+    output = model.net.get_submodule(models.last_linear_name(model.net))
+    with torch.no_grad():
+        logits = model(to_model_input(probe))
+        output.weight.mul_(3.0 / (logits - logits.mean(0)).std())
+    metadata = models.checkpoint_metadata(32, CLASS_NAMES, arch, crop=0.8)
+    models.save_checkpoint({**metadata, "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.usefixtures("native_bf16")
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny", "efficientnet_b0"])
+def test_torchvision_networks_are_prepared_for_inference_and_explained_by_grad_cam(
+    arch: str, tmp_path: Path
+) -> None:
+    path = torchvision_checkpoint(tmp_path / f"{arch}.pth", arch)
+    model = cum.load_model(path)
+    assert model.architecture == arch and model.crop == 0.8 and model.bf16 is not model.fp32
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.body.modules())
+    images = [Image.fromarray(galaxy_array(seed, size=48)) for seed in range(8)]
+    plain = models.model_from_checkpoint(models.load_checkpoint(path))
+    batch = torch.stack([image_to_tensor(image, 32, 0.8) for image in images])
+    with torch.no_grad():
+        reference = plain(to_model_input(batch)).softmax(1).double()
+    exact = torch.tensor([p.probabilities for p in cum.predict_batch(images, path, exact=True)])
+    assert (exact - reference).abs().max() < 1e-4
+    fast = torch.tensor([p.probabilities for p in cum.predict_batch(images, path)])
+    assert torch.equal(fast.argmax(1), reference.argmax(1)) and (fast - reference).abs().max() < 3e-2
+    prediction, heatmap = cum.grad_cam(images[0], path)
+    assert prediction.probabilities == pytest.approx(exact[0].tolist(), abs=1e-5)
+    assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
+
+
+def test_the_grad_cam_overlay_covers_only_the_region_the_model_saw() -> None:
+    image = Image.fromarray(np.full((60, 80, 3), 200, dtype=np.uint8))
+    heatmap = np.ones((32, 32), dtype=np.float32)  # all evidence: the turbo colour map's red
+    overlay = np.asarray(cum.overlay_heatmap(image, heatmap, crop=0.5)).astype(int)
+    # crop 0.5 of the shorter side (60): the 30 x 30 square from (25, 15) to (55, 45)
+    assert (overlay[:15] == 100).all() and (overlay[:, :25] == 100).all()  # outside: dimmed to half
+    inside = overlay[15:45, 25:55]
+    assert (inside[..., 0] > inside[..., 2] + 40).all()  # tinted red
+    whole = np.asarray(cum.overlay_heatmap(image, heatmap)).astype(int)
+    assert (whole[..., 0] > whole[..., 2] + 40).all()  # crop 1: the whole frame
