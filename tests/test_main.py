@@ -230,9 +230,27 @@ def test_api_models_and_healthz(client: TestClient) -> None:
     assert [m["name"] for m in listing["models"]] == [BALANCED, PLAIN]
     first = listing["models"][0]
     assert first["image_size"] == 32 and first["num_classes"] == 10
+    assert (first["architecture"], first["crop"]) == ("DeepCNN-5Block", 1.0)
     assert first["class_names"] == list(CLASS_NAMES)
     assert first["val_acc"] == pytest.approx(0.62) and first["default"] is True
     assert client.get("/healthz").json() == {"status": "ok", "models": 2}
+
+
+def test_a_cropping_models_grad_cam_covers_only_the_region_it_saw(tmp_path: Path) -> None:
+    path = biased_checkpoint(tmp_path / "cropped.pth", (0.2, 0.9, 2.4, 1.6, -0.5, 0.6, 0.3, 1.1, -0.2, 0.8))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["preprocessing"]["crop"] = 0.5
+    torch.save(checkpoint, path)
+    grey = png_bytes(Image.fromarray(np.full((80, 80, 3), 180, dtype=np.uint8)))
+    with TestClient(create_app(tmp_path)) as client:
+        page = client.post("/upload-file/", files={"file": ("g.png", grey, "image/png")}).text
+        listing = client.get("/api/models").json()["models"][0]
+        index = client.get("/").text
+    assert listing["crop"] == 0.5 and "centre 50%" in index
+    assert "from the central 50% of the frame" in page
+    preview, cam = (np.asarray(image).astype(int) for image in data_images(page))
+    assert abs(cam[:10, :10].mean() - preview[:10, :10].mean() / 2) < 4  # outside the crop: dimmed
+    assert np.abs(cam[30:50, 30:50] - preview[30:50, 30:50]).max() > 20  # inside: the heat map's colours
 
 
 def test_openapi_docs(client: TestClient) -> None:
