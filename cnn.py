@@ -1096,6 +1096,7 @@ def fit(config: Config) -> dict[str, Any]:
     elif initial is not None:
         run.model.load_state_dict(initial)
         print(f"starting from the weights of {config.init_from}")
+    started, first_epoch = time.perf_counter(), run.epoch
     try:
         train_epochs(run)
     finally:
@@ -1103,8 +1104,13 @@ def fit(config: Config) -> dict[str, Any]:
             write_curves(run.history, run.stopper.best_epoch, config.model_path)
     if not is_main_process():
         return from_main_process(None)  # the report, once rank 0 has written it
+    # Training and validation time of this run's epochs, and training images per second over them (each
+    # epoch takes the whole training set, shared among the processes under torchrun).
+    seconds = time.perf_counter() - started
     best = finish_checkpoint(run)
-    context = {"epoch": best["best_epoch"], "val_dir": config.val_dir, "recipe": config.recipe}
+    context = {"epoch": best["best_epoch"], "val_dir": config.val_dir, "recipe": config.recipe,
+               "train_seconds": seconds,
+               "train_images_per_s": len(train) * (run.epoch - first_epoch) / seconds}
     report = write_evaluation(run.model, val, class_names, config.model_path, run.eval_batch_size, context,
                               run.bf16)
     return from_main_process(report)
