@@ -1,13 +1,16 @@
-"""Training throughput: cnn.py's tensor-cache pipeline against the original PIL/DataLoader pipeline.
+"""Training throughput: cnn.py's tensor-cache pipeline, in float32 and bfloat16 for every --arch, against
+the original PIL/DataLoader pipeline.
 
     python benchmarks/bench_train.py                              # 17,736 images at 256 px (GPU sizes)
-    python benchmarks/bench_train.py --n 2000 --image-size 64     # a CPU-sized run
+    python benchmarks/bench_train.py --n 400 --image-size 64 --steps 20 --warmup 3   # a CPU-sized run
+    python benchmarks/bench_train.py --archs deepcnn5 --n 400 --image-size 64 --steps 20 --warmup 3
 
-Both train the same DeepCNN-5Block with batch 32 on the same synthetic balanced set of PNG files
-(written to a temporary folder, deleted afterwards), for a fixed number of steps after a warm-up:
-(a) cnn.py: images decoded once into a uint8 cache on the device, batches sliced from it and
-augmented there, the default recipe's optimiser and per-step schedule, bf16 autocast, channels_last,
-cudnn.benchmark on CUDA; (b) the original:
+All train with batch 32 on the same synthetic balanced set of PNG files (written to a temporary folder,
+deleted afterwards), for a fixed number of steps after a warm-up: (a) cnn.py: images decoded once into
+a uint8 cache on the device, batches sliced from it and augmented there (the default recipe's
+dihedral augmentation), the default recipe's optimiser and per-step schedule, channels_last, cuDNN
+autotuning on CUDA, each network once in float32 and once under bfloat16 autocast, alternating over
+--rounds so that the ratio compares like with like; (b) the original DeepCNN-5Block pipeline:
 torchvision ImageFolder with PIL transforms, DataLoader with 2 workers, fp32.
 Target on one H100: (a) >= 4000 images/s and >= 10x (b). Figures go to stdout and
 benchmarks/results/bench_train.json.
@@ -35,7 +38,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cnn  # noqa: E402
+from distributed import native_bf16  # noqa: E402
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
+from models import ARCHITECTURES, build_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
 
@@ -88,17 +93,25 @@ def forever(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
         yield from batches()
 
 
-def bench_pipeline(root: Path, args: argparse.Namespace) -> dict[str, float]:
-    """(a) cnn.py's path: uint8 cache on the device, device-side augmentation, bf16, channels_last."""
+def build_train_cache(root: Path, args: argparse.Namespace) -> tuple[cnn.ImageCache, float]:
+    """(a)'s uint8 cache on the device, and the seconds it took to decode."""
     device = cnn.select_device(args.device)
     start = time.perf_counter()
-    cache = cnn.build_cache(cnn.scan_image_folder(root), args.image_size, device, args.workers, "decoding")
-    cache_s = time.perf_counter() - start
+    scan = cnn.scan_image_folder(root)
+    cache = cnn.build_cache(scan, args.image_size, 1.0, device, args.workers, "decoding")
+    return cache, time.perf_counter() - start
+
+
+def bench_pipeline(cache: cnn.ImageCache, arch: str, bf16: bool, args: argparse.Namespace) -> float:
+    """(a) cnn.py's path for one network and precision: the cache, device-side augmentation (the default
+    recipe's), channels_last, bfloat16 autocast or float32; training images/s."""
+    device = cache.device
     torch.manual_seed(0)
-    model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device, memory_format=torch.channels_last)
+    recipe = cnn.RECIPES["default"]
+    model = build_model(arch, len(CLASS_NAMES), args.image_size, head_init=recipe.head_init)
+    model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
     forward.train()
-    recipe = cnn.RECIPES["default"]
     optimizer = cnn.make_optimizer(model, recipe, cnn.Config.learning_rate, device)
     scheduler = cnn.make_scheduler(optimizer, recipe, args.warmup + args.steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
@@ -106,12 +119,22 @@ def bench_pipeline(root: Path, args: argparse.Namespace) -> dict[str, float]:
     batches = forever(lambda: cnn.iterate_batches(cache, args.batch_size, shuffle))
 
     def step() -> None:
-        cnn.train_step(forward, optimizer, criterion, *next(batches), augment)
+        cnn.train_step(forward, optimizer, criterion, *next(batches), augment, recipe.augment, bf16)
         scheduler.step()
 
-    rate = images_per_s(step, args.warmup, args.steps, args.batch_size, device, "cnn.py pipeline")
-    return {"images_per_s": rate, "cache_build_s": cache_s, "cache_mb": cache.images.nbytes / 2**20,
-            "cache_device": cache.images.device.type}
+    precision = "bf16" if bf16 else "fp32"
+    return images_per_s(step, args.warmup, args.steps, args.batch_size, device, f"{arch} {precision}")
+
+
+def bench_precisions(cache: cnn.ImageCache, arch: str, args: argparse.Namespace) -> dict[str, float]:
+    """float32 against bfloat16 for one network, alternating `rounds` times so that a machine that speeds
+    up or slows down during the run favours neither; the best round of each."""
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for precision in rates:
+            rates[precision].append(bench_pipeline(cache, arch, precision == "bf16", args))
+    best = {precision: max(values) for precision, values in rates.items()}
+    return {**best, "ratio": best["bf16"] / best["fp32"], "rounds": rates}
 
 
 def original_transform(image_size: int) -> transforms.Compose:
@@ -170,6 +193,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"processes writing, threads decoding the PNGs (default: the CPU count, {cpus})")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model in (a) (default: off)")
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES),
+                        help="networks for (a), each in float32 and bfloat16 (default: all)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating float32/bfloat16 measurements per network (default: 2)")
     args = parser.parse_args(argv)
     if args.n < len(CLASS_NAMES) or args.image_size % 32 or args.steps < 1:
         raise Galaxy10Error("--n must be >= 10, --image-size a multiple of 32 and --steps >= 1")
@@ -182,27 +209,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         root = Path(folder) / "train"
         write_balanced_set(root, args.n, args.image_size, args.workers)
         original = bench_original(root, args)
-        pipeline = bench_pipeline(root, args)
+        cache, cache_s = build_train_cache(root, args)
+        pipelines = {arch: bench_precisions(cache, arch, args) for arch in args.archs}
+    device = cache.device
     result = {
-        "device": device_name(args.device), "n": args.n, "image_size": args.image_size,
-        "batch_size": args.batch_size, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "compile": args.compile, "torch": torch.__version__,
-        "pipeline": pipeline, "original_images_per_s": original,
-        "speedup": pipeline["images_per_s"] / original,
+        "device": device_name(args.device), "native_bf16": native_bf16(device), "n": args.n,
+        "image_size": args.image_size, "batch_size": args.batch_size, "warmup_steps": args.warmup,
+        "timed_steps": args.steps, "rounds": args.rounds, "compile": args.compile, "torch": torch.__version__,
+        "cache_build_s": cache_s, "cache_mb": cache.images.nbytes / 2**20, "cache_device": device.type,
+        "pipelines": pipelines, "original_images_per_s": original,
     }
     rows = [
-        ("device", result["device"]),
+        ("device", f"{result['device']} (native bfloat16: {result['native_bf16']})"),
         ("images x size", f"{args.n} x {args.image_size} px"),
-        ("batch, timed steps", f"{args.batch_size}, {args.steps} (after {args.warmup})"),
-        ("(a) cache build (s)", f"{pipeline['cache_build_s']:.1f}"),
-        ("(a) cache", f"{pipeline['cache_mb']:.0f} MB on {pipeline['cache_device']}"),
-        ("(a) cnn.py images/s", f"{pipeline['images_per_s']:.1f}"),
-        ("(b) original images/s", f"{original:.1f}"),
-        ("speedup (a)/(b)", f"{result['speedup']:.2f}x"),
+        ("batch, timed steps", f"{args.batch_size}, {args.steps} (after {args.warmup}), best of "
+                               f"{args.rounds}"),
+        ("(a) cache build (s)", f"{cache_s:.1f}"),
+        ("(a) cache", f"{result['cache_mb']:.0f} MB on {device.type}"),
+        ("(b) original images/s", f"{original:.1f} (DeepCNN-5Block, float32)"),
+        *((f"(a) {arch} images/s",
+           f"fp32 {rates['fp32']:.1f}, bf16 {rates['bf16']:.1f}: {rates['ratio']:.2f}x")
+          for arch, rates in pipelines.items()),
     ]
+    if "deepcnn5" in pipelines:
+        best = max(pipelines["deepcnn5"]["fp32"], pipelines["deepcnn5"]["bf16"])
+        rows.append(("(a) DeepCNN-5Block / (b)", f"{best / original:.2f}x"))
     print()
     for name, value in rows:
-        print(f"{name:<24}{value:>40}")
+        print(f"{name:<28}{value:>60}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults written to {RESULTS}")
