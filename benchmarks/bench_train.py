@@ -95,7 +95,7 @@ def forever(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 def build_train_cache(root: Path, args: argparse.Namespace) -> tuple[cnn.ImageCache, float]:
     """(a)'s uint8 cache on the device, and the seconds it took to decode."""
-    device = cnn.select_device(args.device)
+    device = cnn.training_device(args.device)
     start = time.perf_counter()
     scan = cnn.scan_image_folder(root)
     cache = cnn.build_cache(scan, args.image_size, 1.0, device, args.workers, "decoding")
