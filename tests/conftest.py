@@ -79,6 +79,15 @@ def cpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda name: torch.device("cpu") if name == "auto" else choose(name))
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and val/ folders of two colour classes (4 and 2 images a class) for short training runs."""
+    root = tmp_path_factory.mktemp("data")
+    colour_folders(root / "train", per_class=4, seed=0)
+    colour_folders(root / "val", per_class=2, seed=1)
+    return root
+
+
 @pytest.fixture(scope="session")
 def real_galaxies() -> list[tuple[Path, int]]:
     """The 60 real Galaxy10 DECaLS images as (path, label); skips where ../shared is absent."""

@@ -38,14 +38,6 @@ CHECKPOINT_KEYS = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    colour_folders(root / "train", per_class=4, seed=0)
-    colour_folders(root / "val", per_class=2, seed=1)
-    return root
-
-
 def tiny_args(data: Path, model_path: Path, *extra: str) -> list[str]:
     return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
             "--model-path", str(model_path), "--image-size", "32", "--batch-size", "4", "--epochs", "2",

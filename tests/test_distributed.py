@@ -73,14 +73,6 @@ def worker_pid(agent: subprocess.Popen[str], rank: int) -> int:
     raise AssertionError(f"torchrun has no worker of rank {rank}")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    colour_folders(root / "train", per_class=4, seed=0)
-    colour_folders(root / "val", per_class=2, seed=1)
-    return root
-
-
 def run_args(data: Path, model_path: Path) -> list[str]:
     """The run the resume tests interrupt: two processes of 2 images a step, 2 steps an epoch, 3 epochs,
     with augmentation and dropout, whose streams differ per process."""
