@@ -222,6 +222,29 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(
     assert_one_line_error(capsys, "--precision bf16 needs", "--precision fp32")
 
 
+@pytest.mark.parametrize(("precision", "native", "device", "bf16"), [
+    ("auto", True, "cpu", True), ("auto", False, "cpu", False), ("fp32", True, "cpu", False),
+    ("bf16", True, "cpu", True), ("auto", False, "cuda", True), ("fp32", False, "cuda", False),
+])
+def test_precision_auto_takes_bfloat16_where_the_device_computes_it(
+    precision: str, native: bool, device: str, bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cnn, "native_bf16", lambda d: native and d.type == "cpu")
+    assert cnn.uses_bf16(precision, torch.device(device)) is bf16
+
+
+def test_bfloat16_autocast_runs_the_model_in_bfloat16(data: Path) -> None:
+    """The same weights under float32 and bfloat16: the logits differ by bfloat16's rounding, not more."""
+    cache = cnn.build_cache(cnn.scan_image_folder(data / "val"), 32, 1.0, torch.device("cpu"), 1, "val")
+    torch.manual_seed(0)
+    model = cnn.CNNModel(2, 32, head_init="kaiming")
+    fp32 = cnn.predict_logits(model, cache, 4, bf16=False)
+    bf16 = cnn.predict_logits(model, cache, 4, bf16=True)
+    assert fp32.dtype == bf16.dtype == torch.float32  # handed back in float32 either way
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+
+
 def test_the_recipes_choose_crop_and_augmentation_and_flags_override_them() -> None:
     default = cnn.parse_config([]).settle()
     assert (default.crop, default.augment) == (0.5, "dihedral")
