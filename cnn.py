@@ -182,7 +182,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # real-cpu: the best measured on the 555 real galaxies of ../shared within 10 minutes of training on
     # 2 cores (README, "Results"; benchmarks/bench_real.py).
     "real-cpu": {"arch": "resnet18", "image_size": 64, "num_epochs": 60, "patience": 60,
-                 "learning_rate": 0.001},
+                 "learning_rate": 0.0033},
+}
+# (preset, --arch) -> the preset's settings for that network, where its own differ: `--preset real-cpu
+# --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block.
+PRESET_NETWORKS: dict[tuple[str, str], dict[str, Any]] = {
+    ("real-cpu", "deepcnn5"): {"learning_rate": 0.001},
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTATIONS = ("original", "dihedral", "rotation", "none")
@@ -1425,6 +1430,8 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         if preset not in PRESETS:
             raise Galaxy10Error(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         parser.set_defaults(**PRESETS[preset])
+        # The preset's settings for the network the command line chose, where they differ.
+        parser.set_defaults(**PRESET_NETWORKS.get((preset, parser.parse_args(argv).arch), {}))
     return Config(**vars(parser.parse_args(argv)))
 
 

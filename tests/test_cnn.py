@@ -255,11 +255,17 @@ def test_the_recipes_choose_crop_and_augmentation_and_flags_override_them() -> N
     assert cnn.parse_config(["--no-augment"]).settle().augment == "none"
 
 
-def test_the_real_cpu_preset_and_explicit_flags() -> None:
+def test_the_real_cpu_preset_adapts_to_the_network_and_explicit_flags_win() -> None:
     real = cnn.parse_config(["--preset", "real-cpu"])
     assert real.arch == cnn.PRESETS["real-cpu"]["arch"] != "deepcnn5"
-    assert cnn.parse_config(["--preset", "real-cpu", "--arch", "deepcnn5"]).arch == "deepcnn5"
-    assert cnn.parse_config(["--arch", "deepcnn5", "--preset", "real-cpu"]).arch == "deepcnn5"
+    assert real.learning_rate == cnn.PRESETS["real-cpu"]["learning_rate"] != cnn.Config.learning_rate
+    either_order = (["--preset", "real-cpu", "--arch", "deepcnn5"], ["--arch", "deepcnn5", "--preset", "real-cpu"])
+    for flags in either_order:
+        deepcnn5 = cnn.parse_config(flags)
+        assert deepcnn5.arch == "deepcnn5"
+        assert deepcnn5.learning_rate == cnn.PRESET_NETWORKS["real-cpu", "deepcnn5"]["learning_rate"]
+    chosen = cnn.parse_config(["--preset", "real-cpu", "--arch", "deepcnn5", "--lr", "0.5"])
+    assert chosen.learning_rate == 0.5
 
 
 @pytest.fixture(scope="module")
