@@ -259,8 +259,8 @@ def test_the_real_cpu_preset_adapts_to_the_network_and_explicit_flags_win() -> N
     real = cnn.parse_config(["--preset", "real-cpu"])
     assert real.arch == cnn.PRESETS["real-cpu"]["arch"] != "deepcnn5"
     assert real.learning_rate == cnn.PRESETS["real-cpu"]["learning_rate"] != cnn.Config.learning_rate
-    either_order = (["--preset", "real-cpu", "--arch", "deepcnn5"], ["--arch", "deepcnn5", "--preset", "real-cpu"])
-    for flags in either_order:
+    for flags in (["--preset", "real-cpu", "--arch", "deepcnn5"],
+                  ["--arch", "deepcnn5", "--preset", "real-cpu"]):
         deepcnn5 = cnn.parse_config(flags)
         assert deepcnn5.arch == "deepcnn5"
         assert deepcnn5.learning_rate == cnn.PRESET_NETWORKS["real-cpu", "deepcnn5"]["learning_rate"]
