@@ -278,43 +278,7 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return math.ceil(num_images // world_size() / batch_size)
 
 
-# ---------------------------------------------------------------- the model
-
-
-
-
-# ---------------------------------------------------------------- preprocessing
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- checkpoints and output files
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+# ---------------------------------------------------------------- checkpoints beside the run
 
 
 def to_cpu(obj: Any) -> Any:
@@ -634,8 +598,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Ten
 
 
 # ---------------------------------------------------------------- training
-
-
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -1124,14 +1086,6 @@ def fit(config: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------- several processes (torchrun)
 
 
-
-
-
-
-
-
-
-
 @contextlib.contextmanager
 def distributed(config: Config) -> Iterator[None]:
     """Under torchrun, join the other processes (NCCL on CUDA, one GPU each by LOCAL_RANK; gloo on CPU)
@@ -1153,10 +1107,6 @@ def distributed(config: Config) -> Iterator[None]:
             yield
     finally:
         dist.destroy_process_group()
-
-
-
-
 
 
 def resume_after_restart(config: Config) -> Config:
