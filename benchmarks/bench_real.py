@@ -46,13 +46,14 @@ REAL_FOLDERS = ("real_galaxy10", "real_galaxy10_mini")
 RESULTS = ROOT / "benchmarks" / "results"
 # The sweeps' shared budget: resnet18 at 64 px for 20 epochs (about 2 minutes on 2 cores), each row
 # changing one thing.
-SWEEP_BASE = "--arch resnet18 --image-size 64 --epochs 20 --patience 20 --lr 0.0033"
+BUDGET = "--image-size 64 --epochs 20 --patience 20 --lr 0.0033"
+SWEEP_BASE = f"--arch resnet18 {BUDGET}"
 SWEEPS: dict[str, list[str]] = {
     "presets": ["real-cpu: --preset real-cpu", "real-cpu deepcnn5: --preset real-cpu --arch deepcnn5"],
     "crop": [f"crop {crop}: {SWEEP_BASE} --crop {crop}" for crop in ("0.4", "0.5", "0.6", "0.75", "1")],
     "augment": [f"{mode}: {SWEEP_BASE} --augment {mode}"
                 for mode in ("original", "dihedral", "rotation", "none")],
-    "arch": [f"{arch}: {SWEEP_BASE} --arch {arch}" for arch in ARCHITECTURES],
+    "arch": [f"{arch}: --arch {arch} {BUDGET}" for arch in ARCHITECTURES],
     "precision": [f"real-cpu {p}: --preset real-cpu --precision {p}" for p in ("fp32", "bf16")],
 }
 
