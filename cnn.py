@@ -180,14 +180,16 @@ FLAGS: dict[str, tuple[str, str]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 64, "num_epochs": 4, "patience": 3},
     # real-cpu: the best measured on the 555 real galaxies of ../shared within 10 minutes of training on
-    # 2 cores (README, "Results"; benchmarks/bench_real.py).
-    "real-cpu": {"arch": "resnet18", "image_size": 64, "num_epochs": 60, "patience": 60,
+    # 2 cores (README, "Results"; benchmarks/bench_real.py). Every epoch is kept in play (patience = epochs)
+    # because on 460 images the validation loss is noisy enough to stop a run that is still improving.
+    "real-cpu": {"arch": "resnet18", "image_size": 64, "num_epochs": 100, "patience": 100,
                  "learning_rate": 0.0033},
 }
 # (preset, --arch) -> the preset's settings for that network, where its own differ: `--preset real-cpu
-# --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block.
+# --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block, whose steps cost about twice resnet18's
+# and which learns little at resnet18's learning rate (22.8% in bench_real.py's network sweep).
 PRESET_NETWORKS: dict[tuple[str, str], dict[str, Any]] = {
-    ("real-cpu", "deepcnn5"): {"learning_rate": 0.001},
+    ("real-cpu", "deepcnn5"): {"num_epochs": 80, "patience": 80, "learning_rate": 0.001},
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTATIONS = ("original", "dihedral", "rotation", "none")
@@ -600,14 +602,17 @@ def augment(x: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Ten
 # ---------------------------------------------------------------- training
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether --precision means bfloat16 autocast on this device: auto takes it on CUDA and on CPUs that
-    compute bfloat16 natively (measured on a 2-core AMX Xeon, 64 px DeepCNN-5Block: 1.5x the images/s of
-    float32; README, "Results"); elsewhere bfloat16 is emulated and slower, so auto stays float32."""
+def uses_bf16(precision: str, device: torch.device, arch: str) -> bool:
+    """Whether --precision means bfloat16 autocast for network `arch` on this device. auto takes it on CUDA,
+    and on CPUs that compute bfloat16 natively for the networks it speeds up there (2-core AMX Xeon, 64 px:
+    DeepCNN-5Block 1.6x the images/s of float32; README, "Results"); elsewhere bfloat16 is emulated and
+    slower, so auto stays float32."""
     if precision == "fp32":
         return False
-    if device.type == "cuda" or native_bf16(device):
+    if device.type == "cuda":
         return True
+    if native_bf16(device):
+        return precision == "bf16" or ARCHITECTURES[arch].cpu_bf16
     if precision == "bf16":
         raise Galaxy10Error("--precision bf16 needs a CUDA GPU or a CPU with AVX512-BF16 or AMX, which this "
                             "one lacks; use --precision fp32 (or auto)")
@@ -809,7 +814,7 @@ def make_run(
         shuffle_rng=torch.Generator().manual_seed(config.seed),
         augment_rng=torch.Generator(device).manual_seed(config.seed + 1 + RANK_SEED_STRIDE * rank()),
         stopper=EarlyStopping(config.patience, config.min_delta),
-        bf16=uses_bf16(config.precision, device),
+        bf16=uses_bf16(config.precision, device, config.arch),
         weights=weights,
     )
 
@@ -1044,7 +1049,7 @@ def training_device(name: str) -> torch.device:
 def fit(config: Config) -> dict[str, Any]:
     """Train as configured; returns the evaluation report of the best epoch on the val set."""
     device = training_device(config.device)
-    precision = "bf16" if uses_bf16(config.precision, device) else "fp32"
+    precision = "bf16" if uses_bf16(config.precision, device, config.arch) else "fp32"
     config = dataclasses.replace(config.settle(), precision=precision)  # the checkpoint records what ran
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
@@ -1343,7 +1348,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
                "recipe": checkpoint_recipe(checkpoint)}
     return write_evaluation(model, val, class_names, config.model_path,
                             eval_batch_size(config.batch_size, device), context,
-                            uses_bf16(config.precision, device))
+                            uses_bf16(config.precision, device, checkpoint_architecture(checkpoint).name))
 
 
 # ---------------------------------------------------------------- command line

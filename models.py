@@ -149,16 +149,22 @@ class TorchvisionNet(nn.Module):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A network on offer: its --arch name, the name checkpoints record, and whether it is torchvision's."""
+    """A network on offer: its --arch name, the name checkpoints record, whether it is torchvision's, and
+    whether bfloat16 autocast speeds its training up on a CPU that computes bfloat16 natively."""
 
     name: str
     title: str
     torchvision: bool
+    cpu_bf16: bool = True
 
 
+# The EfficientNets' depthwise convolutions have no fast bfloat16 CPU kernel: under autocast they train
+# at 0.95x (v2_s) and 0.55x (b0) the images/s of float32 on a 2-core AMX Xeon (benchmarks/bench_train.py).
+SLOW_CPU_BF16 = ("efficientnet_v2_s", "efficientnet_b0")
 ARCHITECTURES: dict[str, Architecture] = {
     DEFAULT_ARCH: Architecture(DEFAULT_ARCH, ARCHITECTURE, torchvision=False),
-    **{name: Architecture(name, name, torchvision=True) for name in TORCHVISION_ARCHS},
+    **{name: Architecture(name, name, torchvision=True, cpu_bf16=name not in SLOW_CPU_BF16)
+       for name in TORCHVISION_ARCHS},
 }
 
 

@@ -222,15 +222,19 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(
     assert_one_line_error(capsys, "--precision bf16 needs", "--precision fp32")
 
 
-@pytest.mark.parametrize(("precision", "native", "device", "bf16"), [
-    ("auto", True, "cpu", True), ("auto", False, "cpu", False), ("fp32", True, "cpu", False),
-    ("bf16", True, "cpu", True), ("auto", False, "cuda", True), ("fp32", False, "cuda", False),
+@pytest.mark.parametrize(("precision", "native", "device", "arch", "bf16"), [
+    ("auto", True, "cpu", "deepcnn5", True), ("auto", False, "cpu", "deepcnn5", False),
+    ("fp32", True, "cpu", "deepcnn5", False), ("bf16", True, "cpu", "deepcnn5", True),
+    ("auto", False, "cuda", "deepcnn5", True), ("fp32", False, "cuda", "deepcnn5", False),
+    # bfloat16 slows the EfficientNets down on CPU: auto leaves them in float32 there, bf16 still obeys
+    ("auto", True, "cpu", "efficientnet_b0", False), ("bf16", True, "cpu", "efficientnet_b0", True),
+    ("auto", False, "cuda", "efficientnet_b0", True), ("auto", True, "cpu", "resnet18", True),
 ])
 def test_precision_auto_takes_bfloat16_where_the_device_computes_it(
-    precision: str, native: bool, device: str, bf16: bool, monkeypatch: pytest.MonkeyPatch
+    precision: str, native: bool, device: str, arch: str, bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cnn, "native_bf16", lambda d: native and d.type == "cpu")
-    assert cnn.uses_bf16(precision, torch.device(device)) is bf16
+    assert cnn.uses_bf16(precision, torch.device(device), arch) is bf16
 
 
 def test_bfloat16_autocast_runs_the_model_in_bfloat16(data: Path) -> None:
