@@ -5,6 +5,7 @@
     python benchmarks/bench_real.py --sweep augment      # the original's, dihedral, rotation, none
     python benchmarks/bench_real.py --sweep arch         # every --arch on the same budget
     python benchmarks/bench_real.py --sweep precision    # the real-cpu preset in float32 and bfloat16
+    python benchmarks/bench_real.py --sweep budget       # resnet18: more epochs or more pixels
     python benchmarks/bench_real.py --row "mine: --arch resnet50 --epochs 10" --seeds 0
 
 Packs the 555 real Galaxy10 DECaLS images of ../shared/real_galaxy10 and ../shared/real_galaxy10_mini into
@@ -55,6 +56,9 @@ SWEEPS: dict[str, list[str]] = {
                 for mode in ("original", "dihedral", "rotation", "none")],
     "arch": [f"{arch}: --arch {arch} {BUDGET}" for arch in ARCHITECTURES],
     "precision": [f"real-cpu {p}: --preset real-cpu --precision {p}" for p in ("fp32", "bf16")],
+    # The real-cpu preset's candidates: resnet18 with the default recipe, more epochs or more pixels.
+    "budget": [f"{size} px {epochs} epochs: --arch resnet18 --image-size {size} --epochs {epochs} "
+               f"--patience {epochs} --lr 0.0033" for size, epochs in ((64, 100), (64, 200), (96, 100))],
 }
 
 
