@@ -39,7 +39,7 @@ demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> trai
 	@$(MAKE) -f $(MAKEFILE) --no-print-directory pipeline PY=$(PY)
 	@$(MAKE) -f $(MAKEFILE) --no-print-directory serve PY=$(PY)
 
-pipeline:  ## the demo's data and training steps, without the web page
+pipeline: $(RUNTIME)  ## the demo's data and training steps, without the web page
 	@set -e; \
 	if [ -f "$(H5)" ]; then h5="$(H5)"; echo "using $(H5)"; \
 	else h5="$(SAMPLE)"; $(PY) $(ROOT)sample_data.py --out "$$h5" --n $(SAMPLE_N); fi; \
@@ -49,7 +49,7 @@ pipeline:  ## the demo's data and training steps, without the web page
 	else profile="$(CPU_PROFILE)"; echo "no GPU: training the CPU profile ($(CPU_PROFILE))"; fi; \
 	$(PY) $(ROOT)cnn.py $$profile
 
-serve:  ## start the upload page on http://$(HOST):$(PORT)
+serve: $(RUNTIME)  ## start the upload page on http://$(HOST):$(PORT)
 	$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT)
 
 test: $(DEV)  ## lint, then the whole test suite

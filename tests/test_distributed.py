@@ -128,6 +128,21 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path: Path) -> No
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=0.1)
 
 
+def test_a_torchvision_network_trains_under_torchrun_and_starts_the_next(data: Path, tmp_path: Path) -> None:
+    """--arch reaches every process: DDP wraps torchvision's network, rank 0 saves it without DDP's prefix,
+    and a second two-process run rebuilds it from that checkpoint (--init-from)."""
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    done = torchrun(tiny_args(data, first, 2, 1, "--arch", "resnet18"))
+    assert done.returncode == 0, done.stderr
+    done = torchrun(tiny_args(data, second, 2, 1, "--arch", "resnet18", "--init-from", str(first)))
+    assert done.returncode == 0, done.stderr
+    assert f"starting from the weights of {first}" in done.stdout
+    checkpoint = cnn.load_checkpoint(second)
+    assert checkpoint["architecture"] == "resnet18"
+    assert not any(key.startswith("module.") for key in checkpoint["model_state_dict"])
+    assert cnn.model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
 def test_only_rank_0_writes_files_and_shows_progress(uninterrupted: tuple[Path, Path]) -> None:
     model_path, log_dir = uninterrupted
     assert {p.name for p in model_path.parent.iterdir()} == OUTPUTS  # no resume file, no temporary file
