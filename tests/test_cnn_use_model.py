@@ -145,7 +145,9 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     probs = model.probabilities(images)
     with torch.inference_mode():
         fp32 = model.fp32(cum.to_model_input(images)).softmax(1)
-    torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=0)
+    # float32 over 2 images here and 4 there: equal up to the last bits (oneDNN may pick other kernels
+    # for another batch size); not rechecking would leave the fake logits' softmax, off by far more.
+    torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=1e-5)
     torch.testing.assert_close(probs[[1, 3]], logits[[1, 3]].softmax(1), rtol=0, atol=0)
 
 
