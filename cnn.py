@@ -174,16 +174,15 @@ FLAGS: dict[str, tuple[str, str]] = {
     "compile": ("--compile", "torch.compile the model (slow to start, faster steps)"),
     "evaluate": ("--evaluate", "only write the evaluation report of --model-path on --val-dir"),
 }
-# Named sets of defaults for --preset. cpu: the 2,000-image built-in sample (2,380 balanced training
-# images) trains in under 5 minutes on 2 cores at about 72 s an epoch (README, "Results"); it is what
-# `make demo` runs without a GPU.
+# Named sets of defaults for --preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    # cpu: the demo. 6 epochs in bfloat16 take the wall time 4 took in float32 on 2 cores and reach 99.6%
-    # on the built-in sample, against 98.2% for 4 (README, "Results").
+    # cpu: what `make demo` trains without a GPU, on the built-in sample (2,380 balanced training images).
+    # 6 epochs in bfloat16 take the wall time 4 took in float32 on 2 cores (about 80 s) and reach 99.6%,
+    # against 98.2% for 4 (README, "Results").
     "cpu": {"image_size": 64, "num_epochs": 6, "patience": 3},
     # real-cpu: the best measured on the 555 real galaxies of ../shared within 10 minutes of training on
-    # 2 cores (README, "Results"; benchmarks/bench_real.py). Every epoch is kept in play (patience = epochs)
-    # because on 460 images the validation loss is noisy enough to stop a run that is still improving.
+    # 2 cores (README, "Results"; benchmarks/bench_real.py): 69.7% in under 3 minutes; 200 epochs or 96 px
+    # did no better. Patience = epochs, so early stopping never cuts the cosine schedule short.
     "real-cpu": {"arch": "resnet18", "image_size": 64, "num_epochs": 100, "patience": 100,
                  "learning_rate": 0.0033},
 }
