@@ -180,7 +180,7 @@ def test_the_checkpoint_records_its_recipe_and_an_older_one_still_loads(
 
 def test_a_preset_sets_defaults_that_explicit_flags_override() -> None:
     cpu = cnn.parse_config(["--preset", "cpu"])
-    assert (cpu.image_size, cpu.num_epochs, cpu.patience) == (64, 4, 3)
+    assert (cpu.image_size, cpu.num_epochs, cpu.patience) == (64, 6, 3)  # the README's demo profile
     assert cnn.parse_config(["--preset", "cpu", "--epochs", "30"]).num_epochs == 30
     assert cnn.parse_config(["--epochs", "30", "--preset", "cpu"]).num_epochs == 30  # order does not matter
     plain = cnn.parse_config([])  # no preset: the original configuration, with the default recipe
