@@ -188,7 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # (preset, --arch) -> the preset's settings for that network, where its own differ: `--preset real-cpu
 # --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block, whose steps cost about twice resnet18's
-# and which learns little at resnet18's learning rate (22.8% in bench_real.py's network sweep).
+# and which learns little at resnet18's learning rate (26.7% in bench_real.py's network sweep).
 PRESET_NETWORKS: dict[tuple[str, str], dict[str, Any]] = {
     ("real-cpu", "deepcnn5"): {"num_epochs": 80, "patience": 80, "learning_rate": 0.001},
 }
