@@ -1,53 +1,52 @@
-"""The networks, how an image becomes their input, and the checkpoint format: what training (cnn.py),
-inference (cnn_use_model.py) and the web page (main.py) share. It imports none of the scripts.
+"""What a model is: one typed record (`ModelRecord`) of a checkpoint's network, image size, crop, classes,
+preprocessing, precision, what it was trained on and how well it did, and the checkpoint file that holds it
+with its weights (`Checkpoint`). Training (cnn.py), inference (cnn_use_model.py) and the web page (main.py)
+all read checkpoints through here, and nothing else reads a checkpoint's keys. It imports none of the
+scripts.
 
-- The networks, by their --arch name in `ARCHITECTURES`: DeepCNN-5Block (`deepcnn5`, `CNNModel`), the
-  original project's five blocks of three convolutions, and torchvision's networks built from scratch by
-  `torchvision.models.get_model` (`TorchvisionNet`, which normalises its input as ImageNet weights
-  expect). `build_model` makes any of them; `split_at_last_conv` cuts one where Grad-CAM looks; `--weights`
-  starts a torchvision network from ImageNet's or a state-dict file's weights (`load_pretrained`).
 - Preprocessing: any image as 8-bit RGB (`to_rgb8`), its centre cropped and resized to the model's side as
-  a uint8 tensor (`image_to_tensor`), scaled to [0, 1] for the network (`to_model_input`). Every
-  checkpoint records it (`preprocessing`: the crop, and the normalisation of a torchvision network).
-- Checkpoints: `save_checkpoint` writes atomically; `load_checkpoint` reads this project's checkpoints and
-  the original project's (converted in memory) with `torch.load(weights_only=True)`; `checkpoint_metadata`
-  is what a checkpoint must hold for inference to rebuild the model without guessing;
-  `model_from_checkpoint` rebuilds it. The files beside a checkpoint are named by `output_path`.
+  a uint8 tensor (`image_to_tensor`), scaled to [0, 1] for the network (`to_model_input`). A record's
+  `preprocessing` applies it by being called, as torchvision's `Weights.transforms()` does.
+- Checkpoints: `read_checkpoint` reads this project's checkpoints, older ones included, and the original
+  project's (converted in memory, never rewritten), with `torch.load(weights_only=True)`; `read_record`
+  reads only the record; `Checkpoint.save` writes atomically. `load_checkpoint` gives the raw dictionary
+  (the file format) for those who want it. The files beside a checkpoint are named by `output_path`.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
-from torch.fx.experimental.optimization import fuse
 
 from galaxy10 import CLASS_NAMES, Galaxy10Error, atomic_path
+from networks import (  # noqa: F401  (CNNModel, ARCHITECTURES: the names the README has always given here)
+    ARCHITECTURE,
+    ARCHITECTURES,
+    CHANNELS,
+    DEFAULT_ARCH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Architecture,
+    CNNModel,
+    architecture,
+    build_model,
+    by_title,
+)
 
-ARCHITECTURE = "DeepCNN-5Block"  # the original's network, as its checkpoints name it
-DEFAULT_ARCH = "deepcnn5"
-# torchvision's networks on offer, each built from scratch or from --weights (README, "The model").
-TORCHVISION_ARCHS = ("resnet18", "resnet50", "convnext_tiny", "efficientnet_v2_s", "efficientnet_b0")
-# How an image becomes model input; stored in every checkpoint so inference never guesses. A checkpoint
-# without a crop (older ones, the original's) saw the whole frame.
-PREPROCESSING = {"color": "RGB", "resize": "PIL bilinear", "scale": "uint8 / 255", "crop": 1.0}
-# The normalisation torchvision's ImageNet weights expect (weights.transforms().mean and .std).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHANNELS = (32, 64, 128, 256, 512)
-HIDDEN = (2048, 512, 128, 32)
-DROPOUT = (0.4, 0.3, 0.2, 0.1)
-HEAD_INITS = ("normal", "kaiming")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+# How an image becomes model input, as every checkpoint records it beside the crop (and a torchvision
+# network's normalisation).
+PREPROCESSING = {"color": "RGB", "resize": "PIL bilinear", "scale": "uint8 / 255"}
+PRECISIONS_RUN = ("fp32", "bf16")  # what a training run computed in
 # The original project's checkpoints (its model.pth and based_on_balanced_data_model.pth) hold exactly
 # these keys: no architecture record, and weights named after its nested blocks.
 ORIGINAL_KEYS = frozenset(
@@ -56,223 +55,7 @@ ORIGINAL_KEYS = frozenset(
 # The original's features were Sequential(block, MaxPool2d, block, MaxPool2d, ...), each block a
 # Sequential of 3 x (Conv2d, BatchNorm2d, ReLU), so its weights are `features.<2 x block>.<layer>.<param>`.
 NESTED_FEATURE = re.compile(r"(features\.(\d+)\.(\d+))\.\w+")
-
-
-# ---------------------------------------------------------------- the networks
-
-
-class CNNModel(nn.Module):
-    """Five blocks of three 3x3 conv+BN+ReLU layers and a max-pool, then a five-layer classifier.
-
-    ``head_init`` initialises the classifier's Linear layers: ``"normal"`` is the original's N(0, 0.01);
-    ``"kaiming"`` keeps the signal's scale through the hidden layers (see cnn.py's RECIPES).
-    """
-
-    def __init__(self, num_classes: int = 10, image_size: int = 256, head_init: str = "normal") -> None:
-        super().__init__()
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
-        if image_size % 32 or image_size < 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-        self.num_classes = num_classes
-        self.image_size = image_size
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for out_channels in CHANNELS:
-            for _ in range(3):
-                layers += [
-                    nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                    nn.BatchNorm2d(out_channels),
-                    nn.ReLU(inplace=True),
-                ]
-                in_channels = out_channels
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        side = image_size // 2 ** len(CHANNELS)
-        head: list[nn.Module] = [nn.Flatten()]
-        in_features = CHANNELS[-1] * side * side
-        for width, p in zip(HIDDEN, DROPOUT, strict=True):
-            head += [nn.Linear(in_features, width), nn.ReLU(inplace=True), nn.Dropout(p)]
-            in_features = width
-        head.append(nn.Linear(in_features, num_classes))
-        self.classifier = nn.Sequential(*head)
-        self._initialize_weights(head_init)
-
-    def _initialize_weights(self, head_init: str) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-        if head_init == "kaiming":
-            # Hidden layers keep the activations' scale (std sqrt(2 / fan_in) for ReLU); the output
-            # layer keeps N(0, 0.01), so training starts from near-uniform class probabilities.
-            for m in [m for m in self.classifier if isinstance(m, nn.Linear)][:-1]:
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel; mean and std come from the checkpoint's preprocessing record."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class TorchvisionNet(nn.Module):
-    """One of torchvision's networks, built from scratch with `torchvision.models.get_model`, that
-    normalises its [0, 1] input first, as ImageNet weights expect: every consumer that runs the model applies
-    the normalisation, and training's augmentation still works on [0, 1] images. Its weights are
-    torchvision's own under `net.`."""
-
-    def __init__(self, name: str, num_classes: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A network on offer: its --arch name, the name checkpoints record, whether it is torchvision's, and
-    whether bfloat16 autocast speeds its training up on a CPU that computes bfloat16 natively."""
-
-    name: str
-    title: str
-    torchvision: bool
-    cpu_bf16: bool = True
-
-
-# The EfficientNets' depthwise convolutions have no fast bfloat16 CPU kernel: under autocast they train
-# at 0.95x (v2_s) and 0.55x (b0) the images/s of float32 on a 2-core AMX Xeon (benchmarks/bench_train.py).
-SLOW_CPU_BF16 = ("efficientnet_v2_s", "efficientnet_b0")
-ARCHITECTURES: dict[str, Architecture] = {
-    DEFAULT_ARCH: Architecture(DEFAULT_ARCH, ARCHITECTURE, torchvision=False),
-    **{name: Architecture(name, name, torchvision=True, cpu_bf16=name not in SLOW_CPU_BF16)
-       for name in TORCHVISION_ARCHS},
-}
-
-
-def architecture(name: str) -> Architecture:
-    """The network called `name` (an --arch value); an unknown name is one line listing the choices."""
-    if name not in ARCHITECTURES:
-        raise Galaxy10Error(f"unknown --arch {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
-
-
-def checkpoint_architecture(checkpoint: dict[str, Any]) -> Architecture | None:
-    """The network a checkpoint's `architecture` names, or None for one this project does not know."""
-    name = checkpoint.get("architecture")
-    return next((arch for arch in ARCHITECTURES.values() if arch.title == name), None)
-
-
-def build_model(
-    arch: str, num_classes: int, image_size: int, head_init: str = "normal",
-    preprocessing: dict[str, Any] | None = None,
-) -> nn.Module:
-    """A fresh network: DeepCNN-5Block (whose classifier `head_init` initialises), or a torchvision one
-    normalising with the preprocessing's mean and std (ImageNet's unless it says otherwise)."""
-    if not architecture(arch).torchvision:
-        return CNNModel(num_classes, image_size, head_init)
-    if image_size % 32 or image_size < 32:
-        raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-    preprocessing = preprocessing or {}
-    return TorchvisionNet(arch, num_classes, preprocessing.get("mean", IMAGENET_MEAN),
-                          preprocessing.get("std", IMAGENET_STD))
-
-
-def split_at_last_conv(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
-    """The network as (body, head): the body maps images to the last convolutional stage's activations,
-    where Grad-CAM looks; the head pools and classifies them, a flat Sequential of layers. head(body(x))
-    is model(x)."""
-    if isinstance(model, CNNModel):  # the last block's activations come before its max-pool
-        return nn.Sequential(*model.features[:-1]), nn.Sequential(model.features[-1], *model.classifier)
-    children = dict(model.net.named_children())
-    names = list(children)
-    pool = names.index("avgpool")
-    after = [children[name] for name in names[pool + 1:]]
-    classifier = [layer for part in after for layer in (part if isinstance(part, nn.Sequential) else (part,))]
-    # torchvision's forward() flattens after the pool, except where the classifier does it (ConvNeXt).
-    flatten = [] if any(isinstance(layer, nn.Flatten) for layer in classifier) else [nn.Flatten(1)]
-    body = nn.Sequential(model.normalize, *(children[name] for name in names[:pool]))
-    return body, nn.Sequential(children["avgpool"], *flatten, *classifier)
-
-
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """An eval-mode copy with every BatchNorm folded into the convolution before it (torch.fx traces the
-    network and fuses each Conv2d -> BatchNorm2d pair): exact up to float rounding, one pass less."""
-    return fuse(module.eval(), inplace=False)
-
-
-def load_pretrained(model: nn.Module, arch: str, weights: str) -> str:
-    """Start a torchvision network from --weights: "imagenet" (torchvision's default ImageNet weights,
-    downloaded once into torch's cache) or a state-dict file saved from the same torchvision network. The
-    classifier's last layer stays as built, for these classes. Returns what the checkpoint records."""
-    if not isinstance(model, TorchvisionNet):
-        choices = " / ".join(TORCHVISION_ARCHS)
-        raise Galaxy10Error(f"--weights needs a torchvision network (--arch {choices}); DeepCNN-5Block "
-                            "starts from a checkpoint with --init-from")
-    state, source = imagenet_state(arch) if weights == "imagenet" else (state_dict_file(weights), weights)
-    output = last_linear_name(model.net)
-    backbone = {key: value for key, value in state.items() if not key.startswith(f"{output}.")}
-    try:
-        missing, unexpected = model.net.load_state_dict(backbone, strict=False)
-    except RuntimeError as err:  # a tensor of another shape: another network's weights
-        missing, unexpected = [], [str(err).strip().splitlines()[1].strip()]
-    wrong = [key for key in missing if not key.startswith(f"{output}.")] + unexpected
-    if wrong:
-        raise Galaxy10Error(f"--weights {weights} does not hold {arch}'s weights (first mismatch: "
-                            f"{wrong[0]}); save them from torchvision.models.{arch}()")
-    return source
-
-
-def imagenet_state(arch: str) -> tuple[dict[str, torch.Tensor], str]:
-    """torchvision's default ImageNet weights for `arch` and their name; offline, one line says which file
-    to put where."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    try:
-        return weights.get_state_dict(progress=True), f"imagenet ({weights})"
-    except Exception as err:  # URLError, OSError, HTTPError: the download failed
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
-        raise Galaxy10Error(
-            f"cannot download the ImageNet weights of {arch} ({type(err).__name__}: {err}); without "
-            f"internet, put {weights.url.rsplit('/', 1)[-1]} (from {weights.url}) into {folder}, or pass "
-            "--weights FILE"
-        ) from None
-
-
-def state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A state dict saved with torch.save(model.state_dict(), path), read safely."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise Galaxy10Error(f"--weights {path} not found: give imagenet or a state-dict file") from None
-    except Exception as err:  # torch raises many types for foreign or damaged files
-        raise Galaxy10Error(f"--weights {path} is not a state-dict file ({type(err).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise Galaxy10Error(f"--weights {path} is not a state dict: save one with "
-                            "torch.save(model.state_dict(), path)")
-    return state
-
-
-def last_linear_name(net: nn.Module) -> str:
-    """The name of a network's output layer (resnet: fc, convnext: classifier.2): its last Linear."""
-    return [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]
+RESUME_KIND = "resume.pth"
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -334,20 +117,280 @@ def to_model_input(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(255)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- what a model is
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a checkpoint atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input, stored with the weights and applied by calling it: the centre
+    crop (a fraction of the shorter side; 1 is the whole frame), a bilinear resize to the model's side, uint8
+    RGB. The network scales it to [0, 1]; a torchvision one then normalises with `mean` and `std` itself."""
+
+    image_size: int
+    crop: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The uint8 (3, S, S) input for one image, as training and every consumer make it."""
+        return image_to_tensor(image, self.image_size, self.crop)
+
+    @classmethod
+    def for_network(cls, arch: str, image_size: int, crop: float = 1.0) -> Preprocessing:
+        if architecture(arch).torchvision:
+            return cls(image_size, crop, IMAGENET_MEAN, IMAGENET_STD)
+        return cls(image_size, crop)
+
+    def to_dict(self) -> dict[str, Any]:
+        normalisation = {} if self.mean is None else {"mean": list(self.mean), "std": list(self.std or ())}
+        return {**PREPROCESSING, "crop": self.crop, **normalisation}
+
+    @classmethod
+    def from_dict(cls, image_size: int, record: Mapping[str, Any]) -> Preprocessing:
+        """A checkpoint's preprocessing; one without a crop (older ones, the original's) saw it all."""
+        mean, std = record.get("mean"), record.get("std")
+        return cls(int(image_size), float(record.get("crop", 1.0)),
+                   None if mean is None else tuple(mean), None if std is None else tuple(std))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a model was trained on: the training folder, its image count, and whether it was the built-in
+    synthetic sample (sample_data.py) or real images; None where the checkpoint predates the record."""
+
+    path: str | None = None
+    images: int | None = None
+    synthetic: bool | None = None
+
+    def describe(self) -> str:
+        """In words, for the web page: "the built-in synthetic sample (2,380 images)"."""
+        count = "" if self.images is None else f" ({self.images:,} images)"
+        if self.synthetic:
+            return f"the built-in synthetic sample{count}"
+        if self.synthetic is False:
+            return f"real images{count}"
+        return f"images{count}" if count else "not recorded"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How the kept weights did: their epoch, validation loss and accuracy, and the epochs the run trained."""
+
+    epoch: int | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    epochs_trained: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Everything a checkpoint says of its model except the weights: enough to rebuild the network, prepare
+    its input and describe it. `settings` is the training run's configuration (cnn.py's flags), which
+    `--resume` reads back."""
+
+    arch: str  # an --arch name
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    precision: str | None = None  # what training computed in (fp32, bf16); None: not recorded
+    recipe: str = "original"
+    weights: str | None = None  # what --weights started the network from
+    source: str = "cnn.py"  # "original": the original project's checkpoint, converted in memory
+    trained_on: TrainingData = TrainingData()
+    metrics: Metrics = Metrics()
+    settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def title(self) -> str:
+        """The network's name as checkpoints and the web page give it (DeepCNN-5Block, resnet18, ...)."""
+        return self.architecture.title
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def crop(self) -> float:
+        return self.preprocessing.crop
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build(self, head_init: str = "normal") -> nn.Module:
+        """A fresh network of this record's architecture, size, classes and normalisation."""
+        normalisation = {} if self.preprocessing.mean is None else {
+            "mean": self.preprocessing.mean, "std": self.preprocessing.std}
+        return build_model(self.arch, self.num_classes, self.image_size, head_init, **normalisation)
+
+    def check_network(self, arch: str, image_size: int, flag: str, path: str | os.PathLike[str]) -> None:
+        """One line unless a run of --arch `arch` at `image_size` px can take these weights."""
+        if arch != self.arch:
+            raise Galaxy10Error(f"{flag}: {path} is a {self.title}; pass --arch {self.arch}")
+        if image_size != self.image_size:
+            raise Galaxy10Error(f"{flag}: {path} was trained at {self.image_size} px; "
+                                f"pass --image-size {self.image_size}")
+
+    def check_classes(self, class_names: Sequence[str], data: str | os.PathLike[str],
+                      path: str | os.PathLike[str]) -> None:
+        """One line unless the folders of `data` hold the classes this model was trained on."""
+        if tuple(class_names) != self.class_names:
+            raise Galaxy10Error(f"{data} has classes {list(class_names)} but {path} was trained on "
+                                f"{list(self.class_names)}: use data with the same class folders")
+
+    def with_metrics(self, **changes: Any) -> ModelRecord:
+        return replace(self, metrics=replace(self.metrics, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as checkpoint keys (the original's among them: epoch, final_val_loss, final_val_acc)."""
+        return {
+            "architecture": self.title,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "precision": self.precision,
+            "recipe": self.recipe,
+            "weights": self.weights,
+            "source": self.source,
+            "trained_on": {"path": self.trained_on.path, "images": self.trained_on.images,
+                           "synthetic": self.trained_on.synthetic},
+            "config": dict(self.settings),
+            "epoch": self.metrics.epoch,
+            "final_val_loss": self.metrics.val_loss,
+            "final_val_acc": self.metrics.val_acc,
+            "epochs_trained": self.metrics.epochs_trained,
+        }
+
+    @classmethod
+    def from_dict(cls, checkpoint: Mapping[str, Any]) -> ModelRecord:
+        """The record of a checkpoint of any age; what an older one did not record is None (or, for the
+        recipe, the original's, which every run used before recipes were recorded)."""
+        settings = checkpoint.get("config") or {}
+        trained_on = checkpoint.get("trained_on") or {"path": settings.get("train_dir")}
+        precision = checkpoint.get("precision", settings.get("precision"))
+        return cls(
+            arch=by_title(checkpoint["architecture"]).name,
+            class_names=tuple(checkpoint["class_names"]),
+            preprocessing=Preprocessing.from_dict(checkpoint["image_size"], checkpoint["preprocessing"]),
+            precision=precision if precision in PRECISIONS_RUN else None,
+            recipe=checkpoint.get("recipe", "original"),
+            weights=checkpoint.get("weights"),
+            source=checkpoint.get("source", "cnn.py"),
+            trained_on=TrainingData(**trained_on),
+            metrics=Metrics(
+                epoch=checkpoint.get("best_epoch", checkpoint.get("epoch")),
+                val_loss=_float_or_none(checkpoint.get("final_val_loss")),
+                val_acc=_float_or_none(checkpoint.get("final_val_acc")),
+                epochs_trained=checkpoint.get("epochs_trained"),
+            ),
+            settings=settings,
+        )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint keeps of the run beside the model: the optimiser and the history (as the
+    original's did), and in a resume file the schedule, early stopping and every process's random streams,
+    to continue as if never stopped."""
+
+    optimizer: dict[str, Any]
+    history: dict[str, list[float]]
+    scheduler: dict[str, Any] | None = None
+    early_stopping: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] | None = None  # one per process
+
+    def to_dict(self) -> dict[str, Any]:
+        keys: dict[str, Any] = {"optimizer_state_dict": self.optimizer, "train_history": self.history}
+        if self.scheduler is not None:
+            keys |= {"scheduler_state_dict": self.scheduler, "early_stopping": self.early_stopping}
+        if self.rng:
+            keys["rng"] = self.rng[0]
+            if len(self.rng) > 1:
+                keys["rng_per_process"] = self.rng
+        return keys
+
+    @classmethod
+    def from_dict(cls, checkpoint: Mapping[str, Any]) -> TrainingState:
+        rng = checkpoint.get("rng_per_process") or ([checkpoint["rng"]] if "rng" in checkpoint else None)
+        return cls(checkpoint.get("optimizer_state_dict") or {}, checkpoint.get("train_history") or {},
+                   checkpoint.get("scheduler_state_dict"), checkpoint.get("early_stopping"), rng)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file's contents: the model's record, its weights and the training state."""
+
+    record: ModelRecord
+    weights: dict[str, torch.Tensor]
+    training: TrainingState | None = None
+
+    def model(self) -> nn.Module:
+        """The trained network in eval mode; weights that do not fit the record (a damaged or hand-edited
+        file) are a Galaxy10Error, not a RuntimeError deep in torch."""
+        record = self.record
+        model = record.build()
+        try:
+            model.load_state_dict(self.weights)
+        except (RuntimeError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise Galaxy10Error(f"the weights do not fit a {record.image_size} px {record.title} with "
+                                f"{record.num_classes} classes ({first}); use a checkpoint written by cnn.py"
+                                ) from None
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = {**self.record.to_dict(), "model_state_dict": self.weights}
+        if self.training is not None:
+            keys |= self.training.to_dict()
+            if self.training.scheduler is None:  # a model checkpoint, not a resume file
+                keys["best_epoch"] = self.record.metrics.epoch
+        return keys
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the checkpoint atomically."""
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
+
+    @classmethod
+    def from_dict(cls, checkpoint: Mapping[str, Any]) -> Checkpoint:
+        training = TrainingState.from_dict(checkpoint) if "optimizer_state_dict" in checkpoint else None
+        return cls(ModelRecord.from_dict(checkpoint), checkpoint["model_state_dict"], training)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
+) -> Checkpoint:
+    """One of this project's checkpoints (of any age), or the original project's converted in memory, read
+    safely; a file that is not one is one line."""
+    raw = load_checkpoint(path, map_location, mmap)
+    try:
+        return Checkpoint.from_dict(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise Galaxy10Error(f"{path} is a damaged checkpoint ({type(err).__name__}: {err}); "
+                            "use a .pth file written by cnn.py") from None
+
+
+def read_record(path: str | os.PathLike[str]) -> ModelRecord:
+    """A checkpoint's record alone; memory-mapped, so a 913 MB checkpoint's weights are never read."""
+    return read_checkpoint(path, mmap=True).record
+
+
+# ---------------------------------------------------------------- checkpoint files
 
 
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Load one of this project's checkpoints, or the original project's converted to one, safely (no
-    arbitrary unpickling)."""
+    """The raw dictionary of one of this project's checkpoints, or of the original project's converted to
+    one, loaded safely (no arbitrary unpickling). Code of this project reads `read_checkpoint` instead."""
     path = Path(path)
     if not path.is_file():
         raise Galaxy10Error(f"checkpoint {path} not found: train one with `python cnn.py`")
@@ -360,7 +403,7 @@ def load_checkpoint(
         ) from None
     if isinstance(checkpoint, dict) and checkpoint.keys() == ORIGINAL_KEYS:
         checkpoint = from_original_checkpoint(checkpoint)
-    if not isinstance(checkpoint, dict) or checkpoint_architecture(checkpoint) is None:
+    if not isinstance(checkpoint, dict) or by_title(checkpoint.get("architecture")) is None:
         raise Galaxy10Error(
             f"{path} is not a checkpoint written by cnn.py (of {ARCHITECTURE} or another --arch network); "
             "train one with `python cnn.py`"
@@ -369,12 +412,9 @@ def load_checkpoint(
 
 
 def from_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The original project's checkpoint as one of this project's (marked ``"source": "original"``), or
-    None when its weights are not DeepCNN-5Block's.
-
-    The original trained on Galaxy10's classes with this project's preprocessing; its image size is
-    read from the weights.
-    """
+    """The original project's checkpoint as one of this project's (source "original"), or None when its
+    weights are not DeepCNN-5Block's. The original trained on Galaxy10's classes with this project's
+    preprocessing, the whole frame; its image size is read from the weights."""
     state = checkpoint["model_state_dict"]
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -388,14 +428,14 @@ def from_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | Non
     weights = flatten_feature_names(state, expected)
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
         return None
-    return {
-        **checkpoint,
-        **checkpoint_metadata(image_size),
-        "model_state_dict": weights,
-        "epoch": checkpoint["epoch"] - 1,  # it stored one more than the last epoch, whose weights it kept
-        "source": "original",
-        "recipe": "original",
-    }
+    record = ModelRecord(
+        DEFAULT_ARCH, CLASS_NAMES, Preprocessing(image_size), source="original",
+        # It stored one more than the last epoch, whose weights it kept.
+        metrics=Metrics(checkpoint["epoch"] - 1, _float_or_none(checkpoint["final_val_loss"]),
+                        _float_or_none(checkpoint["final_val_acc"])),
+    )
+    training = TrainingState(checkpoint["optimizer_state_dict"], checkpoint["train_history"])
+    return Checkpoint(record, weights, training).to_dict()
 
 
 def image_size_from_classifier(state: dict[str, torch.Tensor]) -> int | None:
@@ -431,59 +471,16 @@ def flatten_feature_names(
     return {rename(key): value for key, value in state.items()}
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuild the trained model, in eval mode, from the checkpoint's own configuration; weights that do
-    not fit it (a damaged or hand-edited file) are a Galaxy10Error, not a RuntimeError deep in torch."""
-    arch = checkpoint_architecture(checkpoint)
-    size, classes = checkpoint["image_size"], len(checkpoint["class_names"])
-    model = build_model(arch.name, classes, size, preprocessing=checkpoint["preprocessing"])
-    try:
-        model.load_state_dict(checkpoint["model_state_dict"])
-    except (RuntimeError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise Galaxy10Error(f"the weights do not fit a {size} px {arch.title} with {classes} classes "
-                            f"({first}); use a checkpoint written by cnn.py") from None
-    return model.eval()
-
-
-def checkpoint_metadata(
-    image_size: int, class_names: Sequence[str] = CLASS_NAMES, arch: str = DEFAULT_ARCH, crop: float = 1.0,
-) -> dict[str, Any]:
-    """What inference needs to rebuild the model and its preprocessing without guessing."""
-    return {
-        "architecture": architecture(arch).title,
-        "image_size": image_size,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "preprocessing": preprocessing_for(arch, crop),
-    }
-
-
-def preprocessing_for(arch: str, crop: float) -> dict[str, Any]:
-    """The preprocessing record of a network: the crop, and for torchvision's the normalisation it applies."""
-    if not architecture(arch).torchvision:
-        return {**PREPROCESSING, "crop": crop}
-    return {**PREPROCESSING, "crop": crop, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-
-
-def checkpoint_crop(checkpoint: dict[str, Any]) -> float:
-    """The centre crop a checkpoint's model was trained on; older checkpoints and the original's saw the
-    whole frame."""
-    return float(checkpoint["preprocessing"].get("crop", 1.0))
-
-
-def checkpoint_recipe(checkpoint: dict[str, Any]) -> str:
-    """The recipe that trained a checkpoint; those written before recipes were recorded used the original."""
-    return checkpoint.get("recipe", "original")
-
-
 def output_path(model_path: str | os.PathLike[str], kind: str) -> Path:
     """A file beside the checkpoint with the same stem: ``model.pth`` -> ``model.<kind>``."""
     return Path(model_path).with_suffix(f".{kind}")
 
 
-RESUME_KIND = "resume.pth"
-
-
 def resume_path(model_path: str | os.PathLike[str]) -> Path:
+    """The resume file of a run writing `model_path`: its last finished epoch, whole."""
     return output_path(model_path, RESUME_KIND)
+
+
+def is_resume_file(path: str | os.PathLike[str]) -> bool:
+    """A resume file (a run in progress), not a model to serve."""
+    return Path(path).name.endswith(f".{RESUME_KIND}")
