@@ -1,7 +1,8 @@
 """What every script shares: the Galaxy10 DECaLS dataset's facts (class names, counts, checksum, the
 per-row metadata), the error a user can fix and the one line a script prints for it (`run_cli`), files
-written whole (`atomic_path`) and the clean-up of what killed runs leave, and worker processes that exit
-with their parent (`process_pool`). It imports none of the scripts.
+written whole (`atomic_path`) and the clean-up of what killed runs leave, values made from files and kept
+until the file changes (`FileCache`), and worker processes that exit with their parent (`process_pool`).
+It imports none of the scripts.
 """
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 CLASS_NAMES: tuple[str, ...] = (
     "Disturbed Galaxies",
@@ -113,6 +117,27 @@ def remove_abandoned_temporaries(path: Path) -> None:
     for tmp in temporaries:
         tmp.unlink(missing_ok=True)
     say_removed([tmp.name for tmp in temporaries], path.parent, "a run", "runs")
+
+
+class FileCache(Generic[T]):
+    """Values made from files (a prepared model, a checkpoint's record), each made again only when its file
+    changes: a new modification time or size. Thread-safe; a value is made once however many threads ask."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[tuple[int, int], T]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, make: Callable[[], T], key: Hashable | None = None) -> T:
+        """The value for `path` (under `key`, if one file gives several), made by `make()` when the file is
+        new or changed; an OSError from the file's stat (it is gone) reaches the caller."""
+        key = path if key is None else key
+        with self._lock:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            cached = self._entries.get(key)
+            if cached is None or cached[0] != stamp:
+                cached = self._entries[key] = (stamp, make())
+            return cached[1]
 
 
 # ---------------------------------------------------------------- worker processes
