@@ -37,6 +37,9 @@ OFFICIAL_SHA256 = "19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1
 DOWNLOAD_URL = "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5"
 # Per-row float64 metadata stored beside `images` and `ans`.
 META_FIELDS: tuple[str, ...] = ("ra", "dec", "redshift", "pxscale")
+# What an export folder says of its source (the HDF5 file, and whether it is sample_data.py's synthetic
+# sample), beside its manifest; training records it in the checkpoint.
+DATASET_INFO = "dataset.json"
 
 
 # ---------------------------------------------------------------- errors a user can fix

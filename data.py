@@ -1,0 +1,194 @@
+"""Training data: class folders of images (`scan_image_folder`), their class names, and the cache every image
+is decoded into once, as the model's uint8 input (`build_cache`: on the GPU when it fits, else in pinned
+memory), from which batches are sliced (`iterate_batches`); and what a checkpoint records of the data
+(`training_data`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from distributed import is_main_process, this_process_part, this_process_share
+from galaxy10 import CLASS_NAMES, DATASET_INFO, Galaxy10Error
+from models import IMAGE_EXTENSIONS, Preprocessing, TrainingData
+
+GPU_CACHE_SHARE = 0.5  # the image cache may take this share of free GPU memory
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """Image files of a ``root/<class>/`` tree; classes are folder names in class-id order."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of root, numeric names in numeric order (``2`` before ``10``)."""
+    if not root.is_dir():
+        raise Galaxy10Error(
+            f"{root} is not a folder: export the data with `python preprocess_and_balancing.py` "
+            "or point --train-dir/--val-dir at a folder of class folders"
+        )
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not folders:
+        raise Galaxy10Error(f"{root} has no class folders: expected {root}/0 ... {root}/9 holding images")
+    return sorted(folders, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def scan_image_folder(root: str | os.PathLike[str]) -> FolderScan:
+    """Every image under root's class folders; a root without any image is an error."""
+    root = Path(root)
+    paths: list[Path] = []
+    labels: list[int] = []
+    folders = class_folders(root)
+    for label, folder in enumerate(folders):
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths += images
+        labels += [label] * len(images)
+    if not paths:
+        raise Galaxy10Error(f"the class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return FolderScan(root, paths, labels, [p.name for p in folders])
+
+
+def class_names_for(classes: Sequence[str]) -> list[str]:
+    """Galaxy10 names for class-id folders 0..9; any other folder names are their own class names."""
+    if all(c.isdigit() and int(c) < len(CLASS_NAMES) for c in classes):
+        return [CLASS_NAMES[int(c)] for c in classes]
+    return list(classes)
+
+
+def check_classes(train: FolderScan, val: FolderScan, num_classes: int) -> None:
+    """Same class folders in train and val, as many as the model has outputs, none empty in train.
+
+    An empty val class is allowed: a small split can leave a rare class out; the report shows it.
+    """
+    if train.classes != val.classes:
+        raise Galaxy10Error(
+            f"{train.root} has classes {train.classes} but {val.root} has {val.classes}: "
+            "both need the same class folders"
+        )
+    if len(train.classes) != num_classes:
+        raise Galaxy10Error(
+            f"{train.root} has {len(train.classes)} class folders {train.classes}, expected {num_classes}: "
+            "re-export the data or pass --num-classes"
+        )
+    empty = sorted(set(range(len(train.classes))) - set(train.labels))
+    if empty:
+        raise Galaxy10Error(
+            f"class folder {train.root / train.classes[empty[0]]} has no images, so the model could never "
+            "learn that class; add images or re-export the data"
+        )
+
+
+def read_image(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
+    """One image file as the model's uint8 input; an unreadable file is a user error naming it."""
+    try:
+        with Image.open(path) as image:
+            return preprocessing(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise Galaxy10Error(f"cannot read image {path} ({err}); replace or delete it") from None
+
+
+def decode_images(paths: Sequence[Path], preprocessing: Preprocessing, workers: int, desc: str
+                  ) -> torch.Tensor:
+    """Decode every image once into a uint8 (N, 3, S, S) tensor; Pillow releases the GIL, so threads scale."""
+    side = preprocessing.image_size
+    images = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
+
+    def load(i: int) -> None:
+        images[i] = read_image(paths[i], preprocessing)
+
+    pool = ThreadPoolExecutor(max_workers=max(workers, 1))
+    try:
+        for _ in tqdm(pool.map(load, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      disable=not is_main_process()):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a bad image or Ctrl-C, skip the rest of the queue
+    return images
+
+
+@dataclass
+class ImageCache:
+    """Decoded images and labels, on the training device or in pinned host memory."""
+
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # int64 (N,)
+    device: torch.device  # where batches are used
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def where(self) -> str:
+        return f"{self.images.nbytes / 2**20:.0f} MB on {self.images.device.type}"
+
+    def this_process_part(self) -> ImageCache:
+        """Under torchrun, this process's contiguous part (for evaluation); in one process, all of it."""
+        return ImageCache(this_process_part(self.images), this_process_part(self.labels), self.device)
+
+
+def place_cache(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> ImageCache:
+    """Keep the cache on the GPU when it fits comfortably, else in pinned memory for async copies."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.nbytes <= GPU_CACHE_SHARE * free:
+            images, labels = images.to(device), labels.to(device)
+        else:
+            images, labels = images.pin_memory(), labels.pin_memory()
+    return ImageCache(images, labels, device)
+
+
+def build_cache(
+    scan: FolderScan, preprocessing: Preprocessing, device: torch.device, workers: int, desc: str
+) -> ImageCache:
+    images = decode_images(scan.paths, preprocessing, workers, desc)
+    return place_cache(images, torch.tensor(scan.labels, dtype=torch.long), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device.type == device.type:
+        return tensor
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def iterate_batches(
+    cache: ImageCache, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) batches on the cache's device; when a generator is given, shuffled, and
+    under torchrun only this process's share."""
+    order = None
+    count = len(cache)
+    if generator is not None:
+        order = this_process_share(torch.randperm(len(cache), generator=generator).to(cache.images.device))
+        count = len(order)
+    for start in range(0, count, batch_size):
+        index: slice | torch.Tensor = slice(start, start + batch_size)
+        if order is not None:
+            index = order[index]
+        yield to_device(cache.images[index], cache.device), to_device(cache.labels[index], cache.device)
+
+
+def training_data(scan: FolderScan) -> TrainingData:
+    """What a checkpoint records of its training images: the folder, the count, and whether they are the
+    built-in synthetic sample, as the export beside them says (load_data.py and preprocess_and_balancing.py
+    write DATASET_INFO into their output folder); images of the user's own count as real."""
+    info_file = scan.root.parent / DATASET_INFO
+    try:
+        synthetic = bool(json.loads(info_file.read_text()).get("synthetic", False))
+    except (OSError, ValueError):
+        synthetic = False
+    return TrainingData(str(scan.root), len(scan.paths), synthetic)

@@ -1,0 +1,148 @@
+"""Evaluation reports: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the
+expected calibration error of predicted probabilities (`evaluation_report`), written as JSON and drawn as
+PNG beside a checkpoint (`write_report`, `write_curves`), and a text table for the terminal
+(`format_accuracy`). Training's report and inference's score of a labelled .h5 file both come from here;
+it imports no model code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galaxy10 import atomic_path
+from models import output_path
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins (lo, hi] of |bin| / n * |accuracy - mean confidence|."""
+    confidence = y_prob.max(1)
+    correct = (y_prob.argmax(1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, confidence, n_bins)
+    return float(np.abs(gap).sum() / len(y_true))
+
+
+def evaluation_report(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix and ECE of `y_prob`."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
+    return {**classification_report(y_true, y_prob.argmax(1), class_names),
+            "ece": expected_calibration_error(y_true, y_prob), "ece_bins": ECE_BINS}
+
+
+def classification_report(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix of class ids."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "n_samples": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1.mean()),
+        "class_names": list(class_names),
+        "per_class": [
+            {"class_id": i, "class_name": name, "precision": float(precision[i]), "recall": float(recall[i]),
+             "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def write_json(data: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_history(history: dict[str, list[float]], model_path: str | os.PathLike[str]) -> None:
+    write_json(history, output_path(model_path, "history.json"))
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def write_curves(
+    history: dict[str, list[float]], best_epoch: int, model_path: str | os.PathLike[str]
+) -> None:
+    """Loss and accuracy against epoch, train and val, the best epoch marked."""
+    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global backend
+
+    figure = Figure(figsize=(11, 4))
+    epochs = range(1, len(history["val_loss"]) + 1)
+    for ax, metric in zip(figure.subplots(1, 2), ("loss", "acc"), strict=True):
+        ax.plot(epochs, history[f"train_{metric}"], marker=".", label="train")
+        ax.plot(epochs, history[f"val_{metric}"], marker=".", label="val")
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set(xlabel="epoch", ylabel="accuracy" if metric == "acc" else "loss")
+        ax.legend()
+    save_figure(figure, output_path(model_path, "curves.png"))
+
+
+def write_confusion(report: dict[str, Any], model_path: str | os.PathLike[str]) -> None:
+    """The confusion matrix as an annotated heat map, rows true class, columns predicted."""
+    from matplotlib.figure import Figure
+
+    matrix = np.array(report["confusion_matrix"])
+    k = len(matrix)
+    figure = Figure(figsize=(2 + 0.8 * k, 1.5 + 0.7 * k))
+    ax = figure.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(k)
+    ax.set_xticks(ticks, report["class_names"], rotation=45, ha="right")
+    ax.set_yticks(ticks, report["class_names"])
+    title = f"accuracy {report['accuracy']:.1%} (n={report['n_samples']})"
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center",
+                color="white" if count > matrix.max() / 2 else "black")
+    save_figure(figure, output_path(model_path, "confusion.png"))
+
+
+def write_report(
+    truth: np.ndarray, probs: np.ndarray, tta_probs: np.ndarray, class_names: Sequence[str],
+    model_path: str | os.PathLike[str], context: dict[str, Any],
+) -> dict[str, Any]:
+    """The evaluation report of a checkpoint's predictions on its val set, written as JSON with the confusion
+    PNG beside the checkpoint and summed up in one printed line. It also scores test-time augmentation
+    (`tta_probs`: probabilities averaged over the 8 flips and quarter turns, as cnn_use_model's --tta)."""
+    tta_report = evaluation_report(truth, tta_probs, class_names)
+    report = {"checkpoint": str(model_path), **context, **evaluation_report(truth, probs, class_names),
+              "tta": {"accuracy": tta_report["accuracy"], "macro_f1": tta_report["macro_f1"]}}
+    write_json(report, output_path(model_path, "report.json"))
+    write_confusion(report, model_path)
+    worst = min(report["per_class"], key=lambda c: c["f1"])
+    print(f"evaluation on {report['n_samples']} val images: accuracy {report['accuracy']:.2%} (with TTA "
+          f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f}; "
+          f"weakest class {worst['class_name']} (F1 {worst['f1']:.3f}); report in "
+          f"{output_path(model_path, 'report.json')}")
+    return report
+
+
+def format_accuracy(name: str, truth: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> str:
+    """Overall accuracy and a per-class table (class, support, correct, accuracy) of predicted class ids."""
+    report = classification_report(truth, predicted, class_names)
+    correct = sum(np.diag(report["confusion_matrix"]))
+    width = max(len(c) for c in class_names) + 3
+    lines = [
+        f"{name}: accuracy {report['accuracy']:.1%} ({correct:,} of {report['n_samples']:,})",
+        f"{'class':<{width}}  {'support':>7}  {'correct':>7}  {'accuracy':>8}",
+    ]
+    for row, hits in zip(report["per_class"], np.diag(report["confusion_matrix"]), strict=True):
+        accuracy = f"{row['recall']:.1%}" if row["support"] else "-"
+        label = f"{row['class_id']} {row['class_name']}"
+        lines.append(f"{label:<{width}}  {row['support']:>7}  {hits:>7}  {accuracy:>8}")
+    return "\n".join(lines)

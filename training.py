@@ -1,0 +1,474 @@
+"""The training loop: a `Run` (model, optimiser, schedule, data, random streams, early stopping) made from a
+`Config`, trained epoch by epoch (`train_epochs`: train, validate, schedule, keep the best checkpoint and the
+resume file), continued from a resume file (`restore`), and its model's predictions on a cache
+(`predict_logits`, `predict_tta`). Under torchrun every process runs this loop on its share of the data.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchsummary import summary
+from tqdm import tqdm
+
+from augment import augment
+from config import Config, Recipe, resume_command
+from data import ImageCache, iterate_batches
+from distributed import (
+    broadcast_buffers,
+    data_parallel,
+    gather_from_every_process,
+    is_main_process,
+    process_seed,
+    rank,
+    seed_dropout_per_process,
+    sum_over_processes,
+    world_size,
+)
+from galaxy10 import Galaxy10Error
+from models import Checkpoint, ModelRecord, TrainingState, dihedral_views, resume_path, to_model_input
+from networks import load_pretrained
+from reports import write_history
+
+LABEL_SMOOTHING = 0.1
+MAX_GRAD_NORM = 1.0
+LR_FACTOR, LR_PATIENCE, MIN_LR = 0.5, 2, 1e-7
+LOG_EVERY = 20  # batches between progress-bar refreshes (each one waits for the GPU)
+# Evaluation keeps no activations, so on a GPU larger batches fit and run faster; on CPU they do not
+# (measured at 64 px on 2 cores: 198 img/s at batch 32, 152 at 128).
+EVAL_BATCH_FACTOR_GPU = 4
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+
+
+def make_optimizer(
+    model: nn.Module, recipe: Recipe, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(model.parameters(), lr=lr * recipe.lr_scale, weight_decay=recipe.weight_decay,
+                     fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int) -> Scheduler:
+    """The recipe's learning-rate schedule; a cosine one is planned over ``total_steps`` optimiser steps."""
+    if recipe.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=LR_FACTOR, patience=LR_PATIENCE, min_lr=MIN_LR
+        )
+    warmup = max(1, round(recipe.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Optimiser steps in an epoch over num_images; under torchrun each process takes an equal share."""
+    return math.ceil(num_images // world_size() / batch_size)
+
+
+def eval_batch_size(batch_size: int, device: torch.device) -> int:
+    return batch_size * EVAL_BATCH_FACTOR_GPU if device.type == "cuda" else batch_size
+
+
+# ---------------------------------------------------------------- one step, and predictions
+
+
+def mixed_precision(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast where `bf16`; float32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None,
+    augmentation: str = "original",
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a uint8 batch, augmented as `augmentation` says unless generator is None;
+    returns (loss, correct count) without waiting for the GPU."""
+    x = to_model_input(images)
+    if generator is not None:
+        x = augment(x, generator, augmentation)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with mixed_precision(images.device, bf16):
+        logits = model(x)
+        loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False) -> torch.Tensor:
+    """fp32 logits for every cached image, in cache order."""
+    model.eval()
+    outputs = []
+    for images, _ in iterate_batches(cache, batch_size):
+        with mixed_precision(cache.device, bf16):
+            outputs.append(model(to_model_input(images).contiguous(memory_format=torch.channels_last)).float())
+    return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False) -> torch.Tensor:
+    """Class probabilities for every cached image, averaged over its 8 flips and quarter turns; each forward
+    pass takes about batch_size images, as predict_logits's do."""
+    model.eval()
+    outputs = []
+    for images, _ in iterate_batches(cache, max(1, batch_size // 8)):
+        with mixed_precision(cache.device, bf16):
+            views = dihedral_views(to_model_input(images)).contiguous(memory_format=torch.channels_last)
+            probs = model(views).float().softmax(1)
+        outputs.append(probs.view(8, len(images), -1).mean(0))
+    return torch.cat(outputs)
+
+
+def evaluate(
+    model: nn.Module, cache: ImageCache, criterion: nn.Module, batch_size: int, bf16: bool = False
+) -> tuple[float, float]:
+    """Mean loss and accuracy over the whole cache."""
+    logits = predict_logits(model, cache, batch_size, bf16)
+    loss = criterion(logits, cache.labels.to(logits.device)).item()
+    accuracy = (logits.argmax(1).cpu() == cache.labels.cpu()).float().mean().item()
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class EarlyStopping:
+    """Stops after `patience` epochs whose val loss is not `min_delta` below the best so far."""
+
+    patience: int
+    min_delta: float
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, loss: float, epoch: int) -> bool:
+        """Record an epoch's val loss; True when it is the new best."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def new_history() -> dict[str, list[float]]:
+    return {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "lr": []}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; the fields the resume file restores are marked."""
+
+    config: Config  # resolved: the recipe's crop and augmentation filled in, the precision decided
+    device: torch.device
+    record: ModelRecord  # what the run's checkpoints say of the model; metrics filled in per checkpoint
+    model: nn.Module  # restored
+    forward: nn.Module  # the model, in DistributedDataParallel under torchrun, maybe compiled
+    optimizer: torch.optim.Optimizer  # restored
+    scheduler: Scheduler  # restored
+    criterion: nn.Module
+    train: ImageCache
+    val: ImageCache
+    shuffle_rng: torch.Generator  # restored
+    augment_rng: torch.Generator  # restored
+    stopper: EarlyStopping  # restored
+    history: dict[str, list[float]] = field(default_factory=new_history)  # restored
+    epoch: int = 0  # last finished epoch; restored
+
+    @property
+    def eval_batch_size(self) -> int:
+        return eval_batch_size(self.config.batch_size, self.device)
+
+
+def make_run(config: Config, device: torch.device, record: ModelRecord, train: ImageCache, val: ImageCache
+             ) -> Run:
+    """A fresh model (from --weights where given), optimiser and schedule for a resolved config; seeded, so
+    the same seed gives the same run."""
+    torch.manual_seed(config.seed)
+    recipe = config.recipe_spec
+    model = record.build(head_init=recipe.head_init)
+    if config.weights:
+        record = dataclasses.replace(record, weights=load_pretrained(model, config.arch, config.weights))
+    print_model_summary(model, config.image_size)
+    model = model.to(device, memory_format=torch.channels_last)
+    if config.no_dropout:
+        switch_off_dropout(model)
+    if config.sync_bn and world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    seed_dropout_per_process(config.seed)
+    forward = data_parallel(model)
+    optimizer = make_optimizer(model, recipe, config.learning_rate, device)
+    total_steps = config.num_epochs * steps_per_epoch(len(train), config.batch_size)
+    return Run(
+        config=config,
+        device=device,
+        record=record,
+        model=model,
+        forward=torch.compile(forward) if config.compile else forward,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, recipe, total_steps),
+        criterion=nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING),
+        train=train,
+        val=val,
+        shuffle_rng=torch.Generator().manual_seed(config.seed),
+        augment_rng=torch.Generator(device).manual_seed(process_seed(config.seed, 1)),
+        stopper=EarlyStopping(config.patience, config.min_delta),
+    )
+
+
+def print_model_summary(model: nn.Module, image_size: int) -> None:
+    """torchsummary's table, computed on CPU in eval mode so it changes no BatchNorm statistics."""
+    model.eval()
+    summary(model, (3, image_size, image_size), device="cpu")
+
+
+def switch_off_dropout(model: nn.Module) -> None:
+    """--no-dropout: every Dropout layer passes its input through."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------- an epoch
+
+
+def finite(value: float, what: str, run: Run, epoch: int) -> float:
+    """Stop with one clear line once the loss is NaN or infinite: the run has diverged."""
+    if not math.isfinite(value):
+        raise Galaxy10Error(
+            f"{what} became {value} in epoch {epoch}: training diverged; "
+            f"lower --lr (now {run.config.learning_rate}) or check the images in {run.config.train_dir}"
+        )
+    return value
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """One pass over the shuffled training cache; returns the epoch's mean loss and accuracy."""
+    run.forward.train()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), dtype=torch.long, device=run.device)
+    seen = 0
+    num_batches = steps_per_epoch(len(run.train), run.config.batch_size)
+    batches = iterate_batches(run.train, run.config.batch_size, run.shuffle_rng)
+    bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{run.config.num_epochs}", unit="batch",
+               leave=False, disable=not is_main_process())
+    for step, (images, labels) in enumerate(bar, 1):
+        loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, run.augment_rng,
+                                run.config.augment, run.config.bf16)
+        if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            run.scheduler.step()
+        loss_sum += loss * len(labels)
+        correct += hits
+        seen += len(labels)
+        if step % LOG_EVERY == 0 or step == num_batches:
+            mean_loss = finite(loss_sum.item() / seen, "the training loss", run, epoch)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.1%}")
+    bar.close()
+    loss_total, hits_total, seen_total = sum_over_processes([loss_sum, correct, seen], run.device)
+    return loss_total / seen_total, hits_total / seen_total
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Val loss and accuracy of the model rank 0 saves, the same numbers on every process, so all take the
+    same schedule and early-stopping decisions. Under torchrun each process evaluates its part of val
+    (validation time shrinks with the process count like training time) and the sums are added up."""
+    bf16, batch_size = run.config.bf16, run.eval_batch_size
+    if world_size() == 1:
+        return evaluate(run.forward, run.val, run.criterion, batch_size, bf16)
+    broadcast_buffers(run.model)
+    part = run.val.this_process_part()
+    loss, accuracy = evaluate(run.forward, part, run.criterion, batch_size, bf16)
+    loss_sum, hits, count = sum_over_processes([loss * len(part), round(accuracy * len(part)), len(part)],
+                                               run.device)
+    return loss_sum / count, hits / count
+
+
+def run_epoch(run: Run, epoch: int, writer: CheckpointWriter) -> None:
+    """Train, validate, schedule, keep the best checkpoint and the resume state, print one line."""
+    started = time.perf_counter()
+    train_loss, train_acc = train_one_epoch(run, epoch)
+    lr = run.optimizer.param_groups[0]["lr"]  # where a per-step schedule left it; the plateau's is unchanged
+    val_loss, val_acc = validate(run)
+    finite(val_loss, "the validation loss", run, epoch)
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(val_loss)
+    for key, value in (("train_loss", train_loss), ("train_acc", train_acc), ("val_loss", val_loss),
+                       ("val_acc", val_acc), ("lr", lr)):
+        run.history[key].append(value)
+    run.epoch = epoch
+    improved = run.stopper.update(val_loss, epoch)
+    resume = resume_checkpoint(run)  # on every process: it gathers each one's random streams
+    if not is_main_process():
+        return
+    writer.wait()  # one write in flight at a time bounds the host memory the snapshots take
+    if improved:
+        writer.save(model_checkpoint(run), run.config.model_path)
+    writer.save(resume, resume_path(run.config.model_path))
+    write_history(run.history, run.config.model_path)
+    print(epoch_line(run, epoch, time.perf_counter() - started, improved), flush=True)
+
+
+def epoch_line(run: Run, epoch: int, seconds: float, improved: bool) -> str:
+    h = run.history
+    return (
+        f"epoch {epoch}/{run.config.num_epochs}  "
+        f"train loss {h['train_loss'][-1]:.4f} acc {h['train_acc'][-1]:.2%}  "
+        f"val loss {h['val_loss'][-1]:.4f} acc {h['val_acc'][-1]:.2%}  "
+        f"lr {h['lr'][-1]:.2e}  patience {run.stopper.bad_epochs}/{run.stopper.patience}  "
+        f"{seconds:.0f}s" + ("  * saved best" if improved else "")
+    )
+
+
+def train_epochs(run: Run) -> None:
+    """Epochs until the configured count or early stopping; Ctrl-C keeps the last finished epoch."""
+    writer = CheckpointWriter()
+    epoch = run.epoch + 1
+    try:
+        for epoch in range(run.epoch + 1, run.config.num_epochs + 1):
+            run_epoch(run, epoch, writer)
+            if run.stopper.should_stop:
+                print(f"early stopping: val loss has not improved for {run.stopper.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        writer.close()  # the resume file named below must be complete
+        if run.epoch and is_main_process():
+            print(f"\ninterrupted in epoch {epoch}; epochs 1-{run.epoch} are saved in "
+                  f"{resume_path(run.config.model_path)}. Continue with:\n  {resume_command(run.config)}",
+                  file=sys.stderr)
+        raise
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------- checkpoints of the run
+
+
+def model_checkpoint(run: Run) -> Checkpoint:
+    """The checkpoint of this epoch's model: its record with this epoch's val metrics, the weights, and the
+    optimiser and history, as the original's checkpoints held them."""
+    h = run.history
+    record = run.record.with_metrics(epoch=run.epoch, val_loss=h["val_loss"][-1], val_acc=h["val_acc"][-1])
+    return Checkpoint(record, run.model.state_dict(), TrainingState(run.optimizer.state_dict(), run.history))
+
+
+def resume_checkpoint(run: Run) -> Checkpoint:
+    """Everything needed to continue after the last finished epoch as if never stopped, every process's
+    random streams included."""
+    checkpoint = model_checkpoint(run)
+    assert checkpoint.training is not None
+    checkpoint.training.scheduler = run.scheduler.state_dict()
+    checkpoint.training.early_stopping = dataclasses.asdict(run.stopper)
+    checkpoint.training.rng = gather_from_every_process(rng_state(run))
+    return checkpoint
+
+
+def restore(run: Run, checkpoint: Checkpoint) -> None:
+    """Continue from a resume file of this run (its settings are the run's: config.resumed_config)."""
+    state = checkpoint.training
+    if state is None or state.scheduler is None or state.early_stopping is None:
+        raise Galaxy10Error(f"{resume_path(run.config.model_path)} is not a resume file: start without "
+                            "--resume")
+    run.model.load_state_dict(checkpoint.weights)
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scheduler.load_state_dict(state.scheduler)
+    saved = state.early_stopping
+    run.stopper = EarlyStopping(run.config.patience, run.config.min_delta, saved["best_loss"],
+                                saved["best_epoch"], saved["bad_epochs"])
+    run.history = state.history
+    run.epoch = checkpoint.record.metrics.epoch or 0
+    restore_rng_of_this_process(run, state.rng or [])
+
+
+def rng_state(run: Run) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "shuffle": run.shuffle_rng.get_state(),
+             "augment": run.augment_rng.get_state(), "device_type": run.device.type}
+    if run.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(run: Run, state: dict[str, Any]) -> None:
+    """Restore the random streams; the device's streams only when resuming on the same kind of device."""
+    torch.set_rng_state(state["torch"])
+    run.shuffle_rng.set_state(state["shuffle"])
+    if state["device_type"] == run.device.type:
+        run.augment_rng.set_state(state["augment"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_of_this_process(run: Run, states: list[dict[str, Any]]) -> None:
+    """This process's random streams from a resume file. Written by as many processes as run now, each
+    continues its own; by another count, only the shuffling (the same in all) continues, and augmentation
+    and dropout keep this run's fresh streams: the processes' shares of the data differ anyway."""
+    if len(states) == world_size():
+        set_rng_state(run, states[rank()])
+        return
+    run.shuffle_rng.set_state(states[0]["shuffle"])
+    print(f"the resume file holds the random streams of {len(states)} process(es), not {world_size()}: "
+          "augmentation and dropout continue with fresh ones")
+
+
+def to_cpu(obj: Any) -> Any:
+    """A CPU copy of nested state, so it can be written while training goes on changing the original."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(value) for value in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = dataclasses.fields(obj)
+        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in fields if f.init})
+    return obj
+
+
+class CheckpointWriter:
+    """Saves checkpoints on a background thread, so a 0.9 GB write does not stall the GPU."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: list[Future[None]] = []
+
+    def save(self, checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
+        self._pending.append(self._pool.submit(to_cpu(checkpoint).save, path))
+
+    def wait(self) -> None:
+        """Block until every write has landed; re-raises a failed write."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
