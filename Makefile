@@ -19,7 +19,7 @@ PORT         ?= 8000
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 
-.PHONY: help demo pipeline serve test lint bench clean
+.PHONY: help demo pipeline serve test lint bench results clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -59,5 +59,8 @@ test: $(DEV)  ## lint, then the whole test suite
 bench: $(DEV)  ## every benchmark at its documented size
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
+results:  ## regenerate docs/results.md from benchmarks/results/
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) $(ROOT)benchmarks/results.py
+
 clean:  ## remove generated data, checkpoints and the environment
-	rm -rf $(VENV) data balanced_data $(SAMPLE) benchmarks/results
+	rm -rf $(VENV) data balanced_data $(SAMPLE)

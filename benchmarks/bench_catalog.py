@@ -14,13 +14,13 @@ one process with 2 threads, then `torchrun --standalone --nproc_per_node 2` with
 Seconds include starting Python, importing torch and loading the model, so each mode is also timed on a
 --startup-rows catalog and images/s are given with and without that fixed cost. Peak memory is the
 process tree's summed resident memory (bench_export.measure; torchrun's launcher included, and pages
-shared between processes, such as torch's libraries, counted once per process).
+shared between processes, such as torch's libraries, counted once per process). Rows go to
+benchmarks/results/bench_catalog.json and bench_catalog-memory.json (`make results` renders them).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402
 from bench_export import measure  # noqa: E402
 
 import sample_data  # noqa: E402
@@ -43,7 +44,11 @@ from load_data import save_png  # noqa: E402
 from models import CNNModel  # noqa: E402
 from tests.conftest import save_model_checkpoint  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "catalog.json"
+SPEED_COLUMNS = [{"key": "images_per_s", "label": "images/s", "format": ".0f"},
+                 {"key": "images_per_s_after_startup", "label": "after startup", "format": ".0f"},
+                 {"key": "peak_mb", "label": "peak MB", "format": ",.0f"}]
+MEMORY_COLUMNS = [{"key": "peak_mb", "label": "peak MB", "format": ",.0f"},
+                  {"key": "peak_ratio", "label": "against the smallest", "format": ".2f"}]
 PREDICT = [str(ROOT / "cnn_use_model.py")]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *PREDICT]
 
@@ -172,10 +177,17 @@ def main(argv: list[str] | None = None) -> None:
         model = write_model(folder / "random.pth", args.model_size)
         results = (memory if args.memory else speed)(args, folder, model, images)
     report(results)
-    out = RESULTS.with_name("catalog_memory.json") if args.memory else RESULTS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    cmd = record.command(__file__, argv)
+    if args.memory:
+        rows = [record.row(f"{n} rows", cmd, results[f"{n}_rows"]) for n in args.memory]
+        rows[-1]["metrics"]["peak_ratio"] = results["peak_ratio"]
+        record.write("bench_catalog-memory", rows, title="Catalog prediction: peak memory against rows",
+                     columns=MEMORY_COLUMNS, last_run=results)
+    else:
+        rows = [record.row(f"{name} ({args.rows} rows)", cmd, value) for name, value in results.items()
+                if isinstance(value, dict) and "seconds" in value]
+        record.write("bench_catalog", rows, title="Catalog prediction", columns=SPEED_COLUMNS,
+                     last_run=results)
 
 
 if __name__ == "__main__":

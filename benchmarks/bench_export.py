@@ -5,12 +5,12 @@
 
 The original read the whole `images` array into RAM, then wrote one PNG at a time with PIL's
 defaults. Each approach runs in its own process; peak memory is the largest sum of resident memory
-over that process and its children, sampled every 20 ms.
+over that process and its children, sampled every 20 ms. Rows go to benchmarks/results/bench_export.json
+(`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,8 +22,17 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402
+
 import sample_data  # noqa: E402
 
+COLUMNS = [
+    {"key": "images", "label": "images", "format": ","},
+    {"key": "image_size", "label": "px", "format": "d"},
+    {"key": "images_per_s", "label": "images/s", "format": ".0f"},
+    {"key": "peak_mb", "label": "peak MB", "format": ",.0f"},
+    {"key": "speedup", "label": "speed-up", "format": ".2f"},
+]
 ORIGINAL = """
 import os, sys, h5py, numpy as np
 from PIL import Image
@@ -86,14 +95,11 @@ def main() -> None:
         print(f"{name:<44}{seconds:>9.1f}{args.n / seconds:>10.0f}{mb:>9.0f}")
     print(f"speed-up: {original_s / ours_s:.2f}x (target >= 1.7x); "
           f"peak RSS {ours_mb:.0f} MB (target <= 400 MB)")
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "export.json").write_text(json.dumps({
-        "n": args.n, "image_size": args.image_size, "cpus": psutil.cpu_count(),
-        "original": {"seconds": original_s, "peak_mb": original_mb},
-        "load_data": {"seconds": ours_s, "peak_mb": ours_mb, "workers": args.workers},
-        "speedup": original_s / ours_s,
-    }, indent=2))
+    cmd, size = record.command(__file__), {"images": args.n, "image_size": args.image_size}
+    rows = [record.row(name, cmd, {**size, "seconds": s, "images_per_s": args.n / s, "peak_mb": mb})
+            for name, (s, mb) in runs.items()]
+    rows[1]["metrics"].update(workers=args.workers, speedup=original_s / ours_s)
+    record.write("bench_export", rows, title="Export (`load_data.py` against the original)", columns=COLUMNS)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ reported separately), (b) the plain float32 eager model, warm, (c) `cnn_use_mode
 default (bfloat16 where the CPU has it) and with exact=True (float32), (b) and (c) interleaved call by
 call so that load from other processes hits them alike, and (d) batch throughput including PNG decoding.
 Also checks that both modes of `predict` pick the same class as the plain model on every sample image.
-Prints a table and writes JSON to benchmarks/results/.
+Prints a table and writes its rows to benchmarks/results/bench_inference.json (`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402
+
 import cnn_use_model  # noqa: E402
 from models import (  # noqa: E402
     CNNModel,
@@ -41,6 +42,12 @@ from models import (  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 ORIGINAL_SLEEP_S = 1.0
+COLUMNS = [
+    {"key": "median_ms", "label": "warm single image, median ms", "format": ",.1f"},
+    {"key": "p90_ms", "label": "p90 ms", "format": ".1f"},
+    {"key": "batch_images_per_s", "label": "batches with decoding, images/s", "format": ".1f"},
+    {"key": "top1_identical", "label": "top-1 as plain fp32 (real images)", "format": ""},
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_inference.json",
-        help="JSON results (default: benchmarks/results/bench_inference.json)",
+        help="result file, benchmarks/record.py's format (default: benchmarks/results/bench_inference.json)",
     )
     return parser.parse_args(argv)
 
@@ -156,9 +163,32 @@ def main(argv: list[str] | None = None) -> None:
         results["fidelity_exact"] = fidelity(plain_model, ckpt, exact=True)
     results["load_average_after"] = os.getloadavg()
     report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    record.write(args.out.stem, result_rows(results, record.command(__file__, argv)),
+                 title="Inference, 256 px", columns=COLUMNS, last_run=results, folder=args.out.parent)
+
+
+def result_rows(r: dict, cmd: str) -> list[dict]:
+    """The table's rows in benchmarks/record.py's format."""
+    def top1(key: str) -> dict:
+        f = r[key]
+        return {"top1_identical": f"{f['top1_identical']}/{f['images']}"} if f["images"] else {}
+
+    def warm(key: str) -> dict:
+        return {"median_ms": r[key]["median_ms"], "p90_ms": r[key]["p90_ms"]}
+
+    original = r["original_per_call"]["median_ms"]
+    return [
+        record.row("predict()", cmd, {**warm("predict_warm"),
+                                      "batch_images_per_s": r["predict_batch_images_per_s"],
+                                      **top1("fidelity")}),
+        record.row("predict(exact=True)", cmd, {**warm("predict_exact_warm"),
+                                                "batch_images_per_s": r["predict_batch_exact_images_per_s"],
+                                                **top1("fidelity_exact")}),
+        record.row("plain float32 eager", cmd, {**warm("plain_warm"),
+                                                "batch_images_per_s": r["plain_batch_images_per_s"]}),
+        record.row("original, reload per call", cmd, {"median_ms": original}),
+        record.row("original, with its 1 s sleep", cmd, {"median_ms": original + 1000 * ORIGINAL_SLEEP_S}),
+    ]
 
 
 def plain_batch(model: CNNModel, paths: list[Path], batch_size: int) -> None:

@@ -16,7 +16,8 @@ is a name and cnn.py flags; the sweeps compare one setting at a time on a shared
 Prints, per row, accuracy and macro-F1 (mean +- std over the seeds), the accuracy with test-time
 augmentation (the 8 flips and quarter turns), the training time (training and validation epochs, as
 cnn.py measures them) and training images/s, with the command that reproduces the row. Results go to
-benchmarks/results/bench_real-<sweep>.json. Without ../shared it says so and exits 0.
+benchmarks/results/bench_real-<sweep>.json (`make results` renders them into docs/results.md). Without
+../shared it says so and exits 0.
 
 Timings are only comparable with nothing else running: use 2 cores alone for the preset rows.
 """
@@ -39,12 +40,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402
+
 from galaxy10 import META_FIELDS, run_cli  # noqa: E402
 from models import ARCHITECTURES, output_path  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 REAL_FOLDERS = ("real_galaxy10", "real_galaxy10_mini")
-RESULTS = ROOT / "benchmarks" / "results"
 # The sweeps' shared budget: resnet18 at 64 px for 20 epochs (about 2 minutes on 2 cores), each row
 # changing one thing.
 BUDGET = "--image-size 64 --epochs 20 --patience 20 --lr 0.0033"
@@ -60,6 +62,18 @@ SWEEPS: dict[str, list[str]] = {
     "budget": [f"{size} px {epochs} epochs: --arch resnet18 --image-size {size} --epochs {epochs} "
                f"--patience {epochs} --lr 0.0033" for size, epochs in ((64, 100), (64, 200), (96, 100))],
 }
+TITLES = {"presets": "Presets", "crop": "Crops (resnet18, 20 epochs)",
+          "augment": "Augmentations (resnet18, 20 epochs)", "arch": "Networks (20 epochs)",
+          "precision": "Precision: the real-cpu preset in float32 and bfloat16",
+          "budget": "Budget: more epochs or more pixels (resnet18)", "rows": "Rows run one by one"}
+COLUMNS = [
+    {"key": "accuracy", "label": "accuracy", "format": ".1%"},
+    {"key": "macro_f1", "label": "macro-F1", "format": ".3f"},
+    {"key": "tta_accuracy", "label": "TTA", "format": ".1%"},
+    {"key": "train_s", "label": "training s", "format": ".0f"},
+    {"key": "images_per_s", "label": "images/s", "format": ".0f"},
+    {"key": "cnn", "label": "trains, per seed S", "format": "code"},
+]
 
 
 def real_images() -> list[tuple[Path, int]]:
@@ -128,6 +142,19 @@ def summary(runs: list[dict], rows: list[tuple[str, list[str]]]) -> list[dict]:
     return table
 
 
+def result_rows(runs: list[dict], rows: list[tuple[str, list[str]]], cmd: str) -> list[dict]:
+    """Per row, in benchmarks/record.py's format: each metric's mean, std and per-seed values."""
+    result = []
+    for name, flags in rows:
+        mine = [r for r in runs if r["row"] == name]
+        metrics = {key: record.mean_std([r[key] for r in mine])
+                   for key in ("accuracy", "macro_f1", "tta_accuracy", "train_s", "images_per_s")}
+        metrics["seeds"] = [r["seed"] for r in mine]
+        cnn = "python cnn.py " + " ".join([*flags, "--seed", "S"])
+        result.append(record.row(name, cmd, metrics, cnn=cnn))
+    return result
+
+
 def print_table(table: list[dict]) -> None:
     header = ("row", "accuracy", "macro_f1", "tta_accuracy", "train_s", "images_per_s")
     widths = [max(len(h), *(len(row[h]) for row in table)) for h in header]
@@ -172,10 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{len(images)} real images, split 80/20 (seed {args.split_seed}); seeds {args.seeds}\n")
     print_table(table)
     name = "rows" if args.row else args.sweep
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = RESULTS / f"bench_real-{name}.json"
-    result.write_text(json.dumps({"runs": runs, "table": table}, indent=2) + "\n")
-    print(f"\nresults written to {result}")
+    record.write(f"bench_real-{name}", result_rows(runs, rows, record.command(__file__, argv)),
+                 title=TITLES[name], columns=COLUMNS, section="real",
+                 last_run={"split_seed": args.split_seed, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@
     python benchmarks/bench_sample_data.py --n 2000 --image-size 64
 
 Target: the full-size file in <= 90 s on 2 cores (about 200 images/s). The file is written to a
-temporary folder and deleted afterwards; figures go to stdout and benchmarks/results/.
+temporary folder and deleted afterwards; figures go to stdout and benchmarks/results/bench_sample_data.json
+(`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,10 +22,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import record  # noqa: E402
+
 import sample_data  # noqa: E402
 from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_sample_data.json"
+COLUMNS = [
+    {"key": "images", "label": "images", "format": ","},
+    {"key": "image_size", "label": "px", "format": "d"},
+    {"key": "wall_s", "label": "seconds", "format": ".1f"},
+    {"key": "images_per_s", "label": "images/s", "format": ".0f"},
+    {"key": "file_gb", "label": "file GB", "format": ".2f"},
+]
 
 
 def render_ms_per_class(image_size: int, per_class: int) -> dict[str, float]:
@@ -84,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{'wall time (s)':<36}{write['wall_s']:>14.1f}")
     print(f"{'images/s':<36}{write['images_per_s']:>14.1f}")
     print(f"{'file size (GB)':<36}{write['file_gb']:>14.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nresults written to {RESULTS}")
+    metrics = {"images": args.n, "image_size": args.image_size, "workers": args.workers, **write}
+    row = record.row(f"{args.n} images at {args.image_size} px", record.command(__file__, argv), metrics)
+    record.write("bench_sample_data", [row], title="Sample generation (`sample_data.py`)", columns=COLUMNS,
+                 last_run=result)
 
 
 if __name__ == "__main__":

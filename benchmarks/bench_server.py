@@ -6,13 +6,13 @@
 Starts `python main.py` on 127.0.0.1 with a random-initialised checkpoint (made in a temporary
 folder), sends --requests predictions from --clients concurrent clients to /api/predict with real
 galaxy images, then a battery of malformed uploads to both upload routes. Fails (exit 1) on any
-error under load, any 5xx, or a server that no longer answers /healthz.
+error under load, any 5xx, or a server that no longer answers /healthz. The row goes to
+benchmarks/results/bench_server.json (`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import socket
 import statistics
@@ -34,11 +34,23 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
+import record  # noqa: E402
+
 from models import CNNModel, checkpoint_metadata, save_checkpoint  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 MODEL_NAME = "based_on_balanced_data_model"
 MAX_UPLOAD_MB = 10
+COLUMNS = [
+    {"key": "requests", "label": "requests", "format": "d"},
+    {"key": "errors", "label": "errors", "format": "d"},
+    {"key": "requests_per_s", "label": "requests/s", "format": ".1f"},
+    {"key": "p50_ms", "label": "p50 ms", "format": ".0f"},
+    {"key": "p99_ms", "label": "p99 ms", "format": ".0f"},
+    {"key": "malformed_uploads", "label": "malformed uploads", "format": "d"},
+    {"key": "malformed_5xx", "label": "5xx", "format": "d"},
+    {"key": "healthy_after", "label": "healthy after", "format": ""},
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_server.json",
-        help="JSON results file (default: benchmarks/results/bench_server.json)",
+        help="result file, benchmarks/record.py's format (default: benchmarks/results/bench_server.json)",
     )
     return parser.parse_args()
 
@@ -273,15 +285,19 @@ def main() -> int:
     statuses = [row[route] for row in faults for route in ("/api/predict", "/upload-file/")]
     server_errors = [s for s in statuses if not isinstance(s, int) or s >= 500]
     ok = load["errors"] == 0 and load["requests"] == args.requests and not server_errors and healthz == 200
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {
         "image_size": args.image_size, "clients": args.clients, "cpu_count": os.cpu_count(),
         "startup_s": startup_s, "idle_rss_mb": idle_rss_mb, "server_rss_mb": rss_mb,
         "load": load, "faults": faults,
         "healthz_after": healthz, "ok": ok,
     }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    metrics = {key: load[key] for key in ("requests", "errors", "requests_per_s", "p50_ms", "p99_ms")}
+    metrics.update(malformed_uploads=len(faults), malformed_5xx=len(server_errors),
+                   healthy_after="yes" if healthz == 200 else f"no ({healthz})")
+    row = record.row(f"/api/predict, {args.image_size} px, {args.clients} clients", record.command(__file__),
+                     metrics)
+    record.write(args.out.stem, [row], title="Web server (`main.py`)", columns=COLUMNS, last_run=results,
+                 folder=args.out.parent)
     if not ok:
         print("FAILED: errors under load, a 5xx or a dead server", file=sys.stderr)
         return 1

@@ -12,13 +12,12 @@ dihedral augmentation), the default recipe's optimiser and per-step schedule, ch
 autotuning on CUDA, each network once in float32 and once under bfloat16 autocast, alternating over
 --rounds so that the ratio compares like with like; (b) the original DeepCNN-5Block pipeline:
 torchvision ImageFolder with PIL transforms, DataLoader with 2 workers, fp32.
-Target on one H100: (a) >= 4000 images/s and >= 10x (b). Figures go to stdout and
-benchmarks/results/bench_train.json.
+Target on one H100: (a) >= 4000 images/s and >= 10x (b). Figures go to stdout and, one row per
+network and size, to benchmarks/results/bench_train.json (`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,12 +36,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import record  # noqa: E402
+
 import cnn  # noqa: E402
 from distributed import native_bf16  # noqa: E402
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
 from models import ARCHITECTURES, build_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
+COLUMNS = [
+    {"key": "fp32_images_per_s", "label": "float32 images/s", "format": ".1f"},
+    {"key": "bf16_images_per_s", "label": "bfloat16 images/s", "format": ".1f"},
+    {"key": "ratio", "label": "bf16 / fp32", "format": ".2f"},
+    {"key": "vs_original", "label": "best / original pipeline", "format": ".2f"},
+]
 
 
 def write_image(task: tuple[Path, int, int, int]) -> None:
@@ -237,9 +243,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     for name, value in rows:
         print(f"{name:<28}{value:>60}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nresults written to {RESULTS}")
+    cmd, where = record.command(__file__, argv), f"{args.image_size} px, {device.type}"
+    result_rows = []
+    for arch, rates in pipelines.items():
+        metrics = {"fp32_images_per_s": rates["fp32"], "bf16_images_per_s": rates["bf16"],
+                   "ratio": rates["ratio"]}
+        if arch == "deepcnn5":
+            metrics["vs_original"] = max(rates["fp32"], rates["bf16"]) / original
+        result_rows.append(record.row(f"{arch} ({where})", cmd, metrics))
+    result_rows.append(record.row(f"original ImageFolder/PIL pipeline ({where})", cmd,
+                                  {"fp32_images_per_s": original}))
+    record.write("bench_train", result_rows, title="Training throughput", columns=COLUMNS, last_run=result)
 
 
 if __name__ == "__main__":
