@@ -27,9 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch.distributed as dist
 
-from distributed import join_process_group, select_device, use_local_gpu
+from distributed import torchrun_rank, wait_for_all
 from galaxy10 import Galaxy10Error, atomic_path
 
 
@@ -190,10 +189,10 @@ def plan_output(
 ) -> Output:
     """The output file (--out, or --csv), its format and this process's shard, checked before anything is
     loaded."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    process, world = torchrun_rank()
     if world > 1 and shard:
         raise Galaxy10Error("under torchrun a process's shard is its RANK of WORLD_SIZE: drop --shard")
-    this_shard = Shard(int(os.environ["RANK"]), world) if world > 1 else parse_shard(shard or "0/1")
+    this_shard = Shard(process, world) if world > 1 else parse_shard(shard or "0/1")
     path, fmt = output_file(out, csv)
     if path is None and (world > 1 or resume):
         raise Galaxy10Error(f"{'--resume' if resume else 'torchrun'} needs an output file: "
@@ -448,7 +447,7 @@ def claim_merge(out: Path) -> bool:
 def finish_output(output: Output, shard_rows: int, schema: pa.Schema, settings: dict[str, Any]) -> None:
     """Merge the shards into the output file if this process is the one to, else say who will."""
     if output.torchrun:
-        dist.barrier()  # every rank has finished its shard
+        wait_for_all()  # every rank has finished its shard
         all_done = merging = output.shard.index == 0
     else:
         all_done = shards_done(output)
@@ -468,22 +467,6 @@ def finish_output(output: Output, shard_rows: int, schema: pa.Schema, settings: 
         print(f"{done}; another process is writing {output.path} (if none is, delete {claim} and rerun)")
     else:
         print(f"{done}; the last of the {output.shard.count} shards to finish writes {output.path}")
-
-
-@contextmanager
-def process_group(output: Output, device: str) -> Iterator[None]:
-    """Under torchrun: this rank's GPU (LOCAL_RANK) when running on GPUs, and a gloo group for the barrier
-    before rank 0 merges (no tensor crosses it, so gloo on the CPU serves with or without GPUs)."""
-    if not output.torchrun:
-        yield
-        return
-    if select_device(device).type == "cuda":
-        use_local_gpu()
-    join_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def write_predictions(

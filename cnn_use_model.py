@@ -27,7 +27,6 @@ import copy
 import io
 import os
 import sys
-import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,6 @@ from itertools import islice, tee
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -45,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from catalog import (
+    BARRIER_TIMEOUT,
     CATALOG_SUFFIXES,
     DEFAULT_CHUNK_ROWS,
     Catalog,
@@ -54,24 +53,21 @@ from catalog import (
     open_catalog,
     output_schema,
     plan_output,
-    process_group,
     write_predictions,
 )
-from distributed import DEVICES, native_bf16, select_device
-from galaxy10 import Galaxy10Error, run_cli
+from distributed import DEVICES, native_bf16, select_device, torchrun_group
+from galaxy10 import FileCache, Galaxy10Error, Galaxy10File, open_galaxy10, run_cli
 from models import (
     IMAGE_EXTENSIONS,
-    checkpoint_crop,
+    Checkpoint,
     crop_box,
     dihedral_views,
-    fold_batchnorm,
-    image_to_tensor,
-    load_checkpoint,
-    model_from_checkpoint,
-    split_at_last_conv,
+    read_checkpoint,
     to_model_input,
     to_rgb8,
 )
+from networks import fold_batchnorm, split_at_last_conv
+from reports import format_accuracy
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
 # 40 megapixels is a 6,300 px square, far beyond any survey cutout; the decoded RGB is 120 MB.
@@ -191,15 +187,15 @@ def _low_precision_copy(body: nn.Module, head: nn.Sequential, dtype: torch.dtype
 
 
 class InferenceModel:
-    """A checkpoint's model prepared for inference; shared by every thread (nothing in it is mutated)."""
+    """A checkpoint's model prepared for inference; shared by every thread (nothing in it is mutated). Its
+    record (models.ModelRecord) says what it is: network, classes, and the preprocessing, applied by
+    `preprocess`."""
 
-    def __init__(self, checkpoint: dict[str, Any], name: str, device: torch.device) -> None:
-        body, head = split_at_last_conv(model_from_checkpoint(checkpoint))
+    def __init__(self, checkpoint: Checkpoint, name: str, device: torch.device) -> None:
+        body, head = split_at_last_conv(checkpoint.model())
         self.name = name
-        self.architecture: str = checkpoint["architecture"]
-        self.class_names: tuple[str, ...] = tuple(checkpoint["class_names"])
-        self.image_size: int = checkpoint["image_size"]
-        self.crop = checkpoint_crop(checkpoint)
+        self.record = checkpoint.record
+        self.class_names = checkpoint.record.class_names
         self.device = device
         # body: images to the last convolutional stage, with BatchNorm folded; head: pooling, classifier.
         self.body = fold_batchnorm(body).to(device, memory_format=torch.channels_last)
@@ -210,6 +206,13 @@ class InferenceModel:
         )
         for module in (self.fp32, self.bf16):
             module.eval().requires_grad_(False)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The uint8 (3, S, S) tensor this model sees of an image: its training's preprocessing."""
+        try:
+            return self.record.preprocessing(image)
+        except (OSError, ValueError) as err:  # modes PIL cannot convert to RGB
+            raise ImageError(f"cannot convert a {image.mode} image to RGB ({err})") from None
 
     def probabilities(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False) -> torch.Tensor:
         """Class probabilities (B, C) for a uint8 batch (B, 3, S, S); with `tta`, averaged over the 8
@@ -253,15 +256,14 @@ class InferenceModel:
             (gradient,) = torch.autograd.grad(logits[0, target], activation)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
-        size = (self.image_size, self.image_size)
+        size = (self.record.image_size, self.record.image_size)
         cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
         peak = cam.max()
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
         return logits.detach()[0].softmax(dim=0).cpu(), cam.clamp_(0, 1).float().cpu().numpy()
 
 
-_cache: dict[tuple[Path, str], tuple[tuple[int, int], InferenceModel]] = {}
-_cache_lock = threading.Lock()
+_models: FileCache[InferenceModel] = FileCache()
 
 
 def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto") -> InferenceModel:
@@ -269,19 +271,15 @@ def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str =
     reused until the file changes."""
     path = Path(model_path).resolve()
     where = select_device(device)
-    key = (path, where.type)
-    with _cache_lock:
-        try:
-            stat = path.stat()
-        except OSError:
-            load_checkpoint(path)  # raises the Galaxy10Error that says the file is missing
-            raise
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = _cache.get(key)
-        if cached is None or cached[0] != stamp:
-            checkpoint = load_checkpoint(path, map_location=where)
-            _cache[key] = (stamp, InferenceModel(checkpoint, path.name, where))
-        return _cache[key][1]
+
+    def prepare() -> InferenceModel:
+        return InferenceModel(read_checkpoint(path, map_location=where), path.name, where)
+
+    try:
+        return _models.get(path, prepare, key=(path, where.type))
+    except OSError:
+        read_checkpoint(path)  # raises the Galaxy10Error that says the file is missing
+        raise
 
 
 # ---------------------------------------------------------------- predictions
@@ -335,14 +333,6 @@ def _top_k_count(top_k: int | None, num_classes: int) -> int:
     return min(top_k, num_classes)
 
 
-def model_input(image: Image.Image, image_size: int, crop: float = 1.0) -> torch.Tensor:
-    """The uint8 (3, S, S) tensor the model sees: training's preprocessing (models.image_to_tensor)."""
-    try:
-        return image_to_tensor(image, image_size, crop)
-    except (OSError, ValueError) as err:  # modes PIL cannot convert to RGB
-        raise ImageError(f"cannot convert a {image.mode} image to RGB ({err})") from None
-
-
 def predict(
     source: Source,
     model_path: str | os.PathLike[str] = DEFAULT_MODEL,
@@ -354,7 +344,7 @@ def predict(
     """Classify one image. `tta` averages over the 8 flips and quarter turns; `exact` computes in
     float32 only (about half as fast where the CPU has native bfloat16)."""
     model = load_model(model_path)
-    image = model_input(open_image(source), model.image_size, model.crop)
+    image = model.preprocess(open_image(source))
     probs = model.probabilities(image[None], tta=tta, exact=exact)[0]
     return Prediction.from_probabilities(probs, model, top_k)
 
@@ -375,7 +365,7 @@ def iter_predictions(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = load_model(model_path, device)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for decoded in _decoded_batches(sources, model.image_size, model.crop, batch_size, pool):
+        for decoded in _decoded_batches(sources, model, batch_size, pool):
             images = [item for item in decoded if isinstance(item, torch.Tensor)]
             probs = iter(model.probabilities(torch.stack(images), tta=tta, exact=exact) if images else ())
             for item in decoded:
@@ -393,14 +383,14 @@ def predict_batch(
 
 
 def _decoded_batches(
-    sources: Iterable[Source], image_size: int, crop: float, batch_size: int, pool: ThreadPoolExecutor
+    sources: Iterable[Source], model: InferenceModel, batch_size: int, pool: ThreadPoolExecutor
 ) -> Iterator[list[torch.Tensor | ImageError]]:
     """Batches of model inputs; the next one decodes in `pool` while the caller runs the model on this one."""
     remaining = iter(sources)
     pending: list[Future[torch.Tensor | ImageError]] = []
     while True:
         sources_now = islice(remaining, batch_size)
-        upcoming = [pool.submit(_decode_for_model, s, image_size, crop) for s in sources_now]
+        upcoming = [pool.submit(_decode_for_model, s, model) for s in sources_now]
         if pending:
             yield [future.result() for future in pending]
         if not upcoming:
@@ -408,9 +398,9 @@ def _decoded_batches(
         pending = upcoming
 
 
-def _decode_for_model(source: Source, image_size: int, crop: float) -> torch.Tensor | ImageError:
+def _decode_for_model(source: Source, model: InferenceModel) -> torch.Tensor | ImageError:
     try:
-        return model_input(open_image(source), image_size, crop)
+        return model.preprocess(open_image(source))
     except ImageError as err:
         return err
 
@@ -429,7 +419,7 @@ def grad_cam(
     """The prediction (as `predict` makes it) and a Grad-CAM heatmap (S, S) float32 in [0, 1] for the
     predicted class, or for `class_id`: where the last conv block's evidence for that class lies."""
     model = load_model(model_path)
-    image = model_input(open_image(source), model.image_size, model.crop)
+    image = model.preprocess(open_image(source))
     if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
     probabilities, heatmap = model.grad_cam(image, class_id)
@@ -461,46 +451,24 @@ def overlay_heatmap(
 class H5Input:
     """A Galaxy10-format file: its `images` rows are classified; `ans`, where present, scores them."""
 
-    path: Path
-    rows: int
-    labels: np.ndarray | None
+    file: Galaxy10File
     predicted: np.ndarray  # class id per row, -1 until predicted
 
+    @property
+    def rows(self) -> int:
+        return self.file.rows
+
     def row_name(self, row: int) -> str:
-        return f"{self.path}#{row}"
+        return f"{self.file.path}#{row}"
 
     def images(self) -> Iterator[np.ndarray]:
-        """Every row of `images`, read H5_CHUNK_ROWS at a time (the full file is 2.7 GB)."""
-        with h5py.File(self.path, "r") as file:
-            images = file["images"]
-            for start in range(0, self.rows, H5_CHUNK_ROWS):
-                try:
-                    chunk = images[start : start + H5_CHUNK_ROWS]
-                except OSError as err:
-                    message = f"{self.path} is damaged at row {start} ({err}): export it again"
-                    raise Galaxy10Error(message) from None
-                yield from chunk
+        return self.file.iter_images(H5_CHUNK_ROWS)
 
 
 def open_h5(path: Path) -> H5Input:
-    """Check that `path` is a Galaxy10-format file (an (N, H, W, 3) uint8 `images` dataset)."""
-    try:
-        with h5py.File(path, "r") as file:
-            images = file.get("images")
-            if not _is_image_stack(images):
-                raise ImageError(f"{path} has no (N, H, W, 3) uint8 `images` dataset: not a Galaxy10 file")
-            labels = np.asarray(file["ans"][:], dtype=np.int64) if "ans" in file else None
-            rows = images.shape[0]
-    except OSError as err:
-        raise ImageError(f"{path} is not a readable HDF5 file ({err})") from None
-    return H5Input(path, rows, labels, np.full(rows, -1, dtype=np.int64))
-
-
-def _is_image_stack(dataset: object) -> bool:
-    return (
-        isinstance(dataset, h5py.Dataset) and dataset.ndim == 4 and dataset.shape[3] == 3
-        and dataset.dtype == np.uint8
-    )
+    """A Galaxy10-format file (an (N, H, W, 3) uint8 `images` dataset, labelled or not) to classify."""
+    file = open_galaxy10(path, complete=False)
+    return H5Input(file, np.full(file.rows, -1, dtype=np.int64))
 
 
 @dataclass
@@ -561,7 +529,7 @@ def find_inputs(paths: Sequence[str], path_column: str = "path", id_column: str 
         elif path.suffix.lower() in H5_SUFFIXES and path.is_file():
             try:
                 inputs.sources.append(open_h5(path))
-            except ImageError as err:
+            except Galaxy10Error as err:
                 inputs.problems.append(str(err))
         elif path.is_file():
             inputs.sources.append(path)
@@ -660,7 +628,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     output = plan_output(args.out, csv=args.csv, shard=args.shard, resume=args.resume,
                          chunk_size=args.chunk_size, batch_size=args.batch_size)
-    with process_group(output, args.device):
+    with torchrun_group(args.device, gpu_collectives=False, timeout=BARRIER_TIMEOUT):
         return classify_inputs(args, output)
 
 
@@ -693,8 +661,10 @@ def classify_inputs(args: argparse.Namespace, output: Output) -> int:
 def final_report(inputs: Inputs, class_names: Sequence[str], failures: int, torchrun: bool) -> int:
     """Accuracy for labelled .h5 files, the count of unreadable inputs; returns the exit code."""
     for source in inputs.sources:
-        if isinstance(source, H5Input) and source.labels is not None:
-            print(accuracy_report(source, class_names))
+        if isinstance(source, H5Input) and source.file.labels is not None:
+            done = source.predicted >= 0
+            print(format_accuracy(str(source.file.path), source.file.labels[done], source.predicted[done],
+                                  class_names))
     if not failures:
         return 0
     print(f"{failures} input(s) could not be read (listed above)", file=sys.stderr)
@@ -753,24 +723,6 @@ class ResultTable:
         best = ", ".join(f"{class_name} {p:.1%}" for _, class_name, p in prediction.top_k)
         return (f"{name:<{self.path_width}}  {prediction.class_name:<{self.class_width}}  "
                 f"{prediction.confidence:>6.1%}  {best}")
-
-
-def accuracy_report(h5: H5Input, class_names: Sequence[str]) -> str:
-    """Overall accuracy and a per-class table (class, support, correct, accuracy) against `ans`."""
-    done = h5.predicted >= 0
-    truth, guess = h5.labels[done], h5.predicted[done]
-    correct = truth == guess
-    width = max(len(c) for c in class_names) + 3
-    lines = [
-        f"{h5.path}: accuracy {correct.mean():.1%} ({correct.sum():,} of {len(truth):,})",
-        f"{'class':<{width}}  {'support':>7}  {'correct':>7}  {'accuracy':>8}",
-    ]
-    for class_id, class_name in enumerate(class_names):
-        members = truth == class_id
-        support, hits = int(members.sum()), int(correct[members].sum())
-        accuracy = f"{hits / support:.1%}" if support else "-"
-        lines.append(f"{f'{class_id} {class_name}':<{width}}  {support:>7}  {hits:>7}  {accuracy:>8}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -25,13 +25,16 @@ import numpy as np
 from PIL import Image
 
 from galaxy10 import (
+    CHUNK_ROWS,
     CLASS_NAMES,
-    DOWNLOAD_URL,
-    META_FIELDS,
+    DATASET_INFO,
     OFFICIAL_SHA256,
     Galaxy10Error,
+    Galaxy10File,
     abandoned,
+    open_galaxy10,
     process_pool,
+    read_rows,
     run_cli,
     say_removed,
 )
@@ -40,92 +43,9 @@ DEFAULT_H5 = "Galaxy10_DECals.h5"
 MANIFEST_FIELDS: tuple[str, ...] = (
     "index", "label", "class_name", "split", "path", "ra", "dec", "redshift",
 )
-# Rows read per HDF5 access: 64 full-size images are 12.6 MB, so a worker's memory stays small.
-CHUNK_ROWS = 64
 
 
 # ---------------------------------------------------------------- reading and checking the file
-
-
-@dataclass(frozen=True)
-class Galaxy10File:
-    """A checked Galaxy10-format file: labels and metadata in memory, images left on disk."""
-
-    path: Path
-    labels: np.ndarray  # (N,) uint8 class ids
-    meta: dict[str, np.ndarray]  # ra, dec, redshift, pxscale: (N,) float64
-    image_shape: tuple[int, int, int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def open_galaxy10(path: str | os.PathLike[str]) -> Galaxy10File:
-    """Check that ``path`` is a complete Galaxy10-format file and read everything but the images."""
-    path = Path(path)
-    if not path.is_file():
-        raise Galaxy10Error(
-            f"{path} not found: download it from {DOWNLOAD_URL} "
-            "or make a sample with `python sample_data.py --out galaxy10_sample.h5`"
-        )
-    if not h5py.is_hdf5(path):
-        raise Galaxy10Error(f"{path} is not an HDF5 file: pass the Galaxy10_DECals.h5 file (--h5)")
-    try:
-        with h5py.File(path, "r") as f:
-            return _read_checked(f, path)
-    except OSError as err:
-        raise Galaxy10Error(f"{path} is damaged or truncated ({err}): download it again") from None
-
-
-def _read_checked(f: h5py.File, path: Path) -> Galaxy10File:
-    missing = [name for name in ("images", "ans", *META_FIELDS) if name not in f]
-    if missing:
-        raise Galaxy10Error(
-            f"{path} lacks the dataset(s) {', '.join(missing)}: it is not a Galaxy10 DECaLS file"
-        )
-    images = f["images"]
-    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] < 32 or images.shape[2] < 32:
-        raise Galaxy10Error(f"{path}: `images` has shape {images.shape}, expected (N, H, W, 3) RGB images")
-    if images.dtype != np.uint8:
-        raise Galaxy10Error(f"{path}: `images` is {images.dtype}, expected uint8")
-    n = images.shape[0]
-    _check_storage_complete(images, path)
-    labels = _read_vector(f, "ans", n, path)
-    if labels.dtype.kind not in "iu":
-        raise Galaxy10Error(f"{path}: `ans` is {labels.dtype}, expected integer class ids")
-    bad = np.flatnonzero((labels < 0) | (labels >= len(CLASS_NAMES)))
-    if bad.size:
-        raise Galaxy10Error(
-            f"{path}: label {labels[bad[0]]} at row {bad[0]} is outside 0-{len(CLASS_NAMES) - 1} "
-            f"({bad.size} bad row(s)): fix the `ans` dataset"
-        )
-    meta = {name: _read_vector(f, name, n, path).astype(np.float64) for name in META_FIELDS}
-    return Galaxy10File(path, labels.astype(np.uint8), meta, tuple(images.shape[1:]))
-
-
-def _read_vector(f: h5py.File, name: str, n: int, path: Path) -> np.ndarray:
-    data = f[name]
-    if data.shape != (n,):
-        raise Galaxy10Error(f"{path}: `{name}` has shape {data.shape}, expected ({n},) like `images`")
-    if data.dtype.kind not in "iuf":
-        raise Galaxy10Error(f"{path}: `{name}` is {data.dtype}, expected numbers")
-    return data[()]
-
-
-def _check_storage_complete(images: h5py.Dataset, path: Path) -> None:
-    """Fail now, not after minutes of export, if the image data runs past the end of the file."""
-    file_size = path.stat().st_size
-    dsid = images.id
-    if images.chunks is None:
-        end = dsid.get_offset() or 0
-        end += dsid.get_storage_size()
-    else:
-        chunks = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
-        end = max((c.byte_offset + c.size for c in chunks), default=0)
-    if end > file_size:
-        raise Galaxy10Error(
-            f"{path} is truncated ({file_size:,} bytes, image data runs to {end:,}): download it again"
-        )
 
 
 def verify_checksum(path: Path, expected: str = OFFICIAL_SHA256) -> None:
@@ -253,17 +173,14 @@ def _close_images() -> None:
     _worker_images = None
 
 
-def read_rows(rows: np.ndarray | slice) -> np.ndarray:
-    """Rows of the open file's images; a damaged chunk becomes a one-line error."""
-    try:
-        return _worker_images[rows]
-    except OSError as err:
-        raise Galaxy10Error(f"reading images failed ({err}): damaged file, download it again") from None
+def read_worker_rows(rows: np.ndarray | slice) -> np.ndarray:
+    """Rows of the images of the file this worker process opened."""
+    return read_rows(_worker_images, rows)
 
 
 def _export_range(task: tuple[int, int, np.ndarray, np.ndarray, str]) -> int:
     start, stop, labels, is_val, stage = task
-    for offset, image in enumerate(read_rows(slice(start, stop))):
+    for offset, image in enumerate(read_worker_rows(slice(start, stop))):
         split = "val" if is_val[offset] else "train"
         save_png(image, Path(stage) / image_relpath(split, int(labels[offset]), start + offset))
     return stop - start
@@ -320,6 +237,13 @@ def write_manifest(path: Path, rows: list[dict], fields: Sequence[str] = MANIFES
         writer.writerows(rows)
 
 
+def write_dataset_info(folder: Path, source: Galaxy10File) -> None:
+    """What the export came from, which training records in its checkpoints: the HDF5 file, and whether it
+    is sample_data.py's synthetic sample."""
+    info = {"h5": str(source.path), "images": len(source), "synthetic": source.synthetic}
+    (folder / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
 def print_summary(out: Path, rows: list[dict]) -> None:
     counts: dict[tuple[str, int], int] = {}
     for row in rows:
@@ -374,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with staged_output(args.out, args.force) as stage:
         rows = export_images(source, is_val, stage, args.workers)
         write_manifest(stage / "manifest.csv", rows)
+        write_dataset_info(stage, source)
     print_summary(args.out, rows)
 
 

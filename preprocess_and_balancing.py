@@ -27,10 +27,11 @@ from load_data import (
     export_images,
     load_and_split,
     print_summary,
-    read_rows,
+    read_worker_rows,
     run_tasks,
     save_png,
     staged_output,
+    write_dataset_info,
     write_manifest,
 )
 
@@ -109,7 +110,7 @@ def augment(image: np.ndarray, aug: Augmentation) -> np.ndarray:
 def _write_copies(task: tuple[list[Augmentation], str]) -> int:
     plan, stage = task
     rows = sorted({aug.source_index for aug in plan})
-    images = dict(zip(rows, read_rows(rows), strict=True))
+    images = dict(zip(rows, read_worker_rows(rows), strict=True))
     for aug in plan:
         path = Path(stage) / "train" / str(aug.label) / aug.filename
         save_png(augment(images[aug.source_index], aug), path)
@@ -161,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             row["source_index"] = row["index"]
         rows += write_augmented_copies(source, plan, stage, args.workers)
         write_manifest(stage / "manifest.csv", rows, BALANCED_FIELDS)
+        write_dataset_info(stage, source)
     print_summary(args.out, rows)
 
 

@@ -29,6 +29,7 @@ from galaxy10 import (
     CLASS_NAMES,
     META_FIELDS,
     REAL_CLASS_COUNTS,
+    SAMPLE_GENERATOR,
     Galaxy10Error,
     atomic_path,
     process_pool,
@@ -427,6 +428,7 @@ def write_sample(path: str | os.PathLike[str], n: int = 2000, seed: int = 0, ima
     remove_abandoned_temporaries(path)
     labels, meta = sample_labels_and_metadata(n, seed)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["generator"] = SAMPLE_GENERATOR  # so checkpoints trained on it say they are synthetic
         images = f.create_dataset("images", (n, image_size, image_size, 3), dtype=np.uint8,
                                   chunks=(1, image_size, image_size, 3))
         f.create_dataset("ans", data=labels)
