@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, load, original_layout, same_weights, save_original_checkpoint
+from helpers import ROOT, load, original_layout, same_weights, save_original_checkpoint, unsafe_checkpoint
 from PIL import Image
 
 import models
+import networks
 from galaxy10 import CLASS_NAMES, Galaxy10Error
 
 SCRIPTS = {"load_data", "preprocess_and_balancing", "sample_data", "cnn", "cnn_use_model", "main"}
+TRAINING = {"cnn", "config", "data", "augment", "training"}  # the training script and its modules
+# Keys of a checkpoint file: only models.py reads them.
+CHECKPOINT_KEYS = {"model_state_dict", "optimizer_state_dict", "train_history", "architecture", "image_size",
+                   "class_names", "num_classes", "preprocessing", "config", "final_val_acc", "final_val_loss",
+                   "best_epoch", "epochs_trained", "recipe", "weights", "precision", "trained_on",
+                   "scheduler_state_dict", "early_stopping", "rng", "rng_per_process"}
 
 
 # ---------------------------------------------------------------- the networks
@@ -49,11 +56,11 @@ def test_every_network_splits_where_grad_cam_looks_and_folds_its_batchnorm(arch:
     torch.manual_seed(0)
     model = randomised_batchnorm(models.build_model(arch, 10, 64))
     x = torch.rand(2, 3, 64, 64)
-    body, head = models.split_at_last_conv(model)
+    body, head = networks.split_at_last_conv(model)
     activation = body(x)
     assert activation.dim() == 4 and activation.shape[2:] in ((2, 2), (4, 4))  # a convolutional stage's map
     torch.testing.assert_close(head(activation), model(x), rtol=0, atol=0)
-    folded = models.fold_batchnorm(body)
+    folded = networks.fold_batchnorm(body)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     torch.testing.assert_close(head(folded(x)), model(x), rtol=1e-4, atol=1e-4)
 
@@ -112,14 +119,32 @@ def test_an_original_checkpoint_loads_as_one_of_this_projects(
 ) -> None:
     path = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict(), val_acc=0.84)
     assert "features.2.0.weight" in load(path)["model_state_dict"]  # the original's nested names
-    checkpoint = models.load_checkpoint(path)
-    assert checkpoint["source"] == "original" and checkpoint["architecture"] == models.ARCHITECTURE
-    assert (checkpoint["image_size"], checkpoint["class_names"]) == (32, list(CLASS_NAMES))
-    assert checkpoint["preprocessing"] == models.PREPROCESSING
-    assert (checkpoint["epoch"], checkpoint["final_val_acc"]) == (1, 0.84)
-    assert same_weights(checkpoint["model_state_dict"], original_model.state_dict())
+    checkpoint = models.read_checkpoint(path)
+    record = checkpoint.record
+    assert record.source == "original" and record.title == models.ARCHITECTURE and record.arch == "deepcnn5"
+    assert (record.image_size, record.class_names, record.crop) == (32, CLASS_NAMES, 1.0)
+    assert record.preprocessing == models.Preprocessing(32) and record.recipe == "original"
+    assert (record.metrics.epoch, record.metrics.val_acc) == (1, 0.84)
+    assert checkpoint.training is not None and checkpoint.training.history["val_acc"] == [0.84]
+    assert same_weights(checkpoint.weights, original_model.state_dict())
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(models.model_from_checkpoint(checkpoint)(x), original_model.eval()(x))
+    assert torch.equal(checkpoint.model()(x), original_model.eval()(x))
+    # The raw dictionary of the file format, for those who read it: the original's keys, converted.
+    raw = models.load_checkpoint(path)
+    assert (raw["epoch"], raw["final_val_acc"], raw["architecture"]) == (1, 0.84, "DeepCNN-5Block")
+
+
+def test_a_checkpoint_with_an_unsafe_pickle_is_refused_in_one_line_and_its_code_never_runs(
+    tmp_path: Path
+) -> None:
+    path = unsafe_checkpoint(tmp_path / "bad.pth", tmp_path / "ran")
+    with pytest.raises(Galaxy10Error) as refused:
+        models.load_checkpoint(path)
+    assert "bad.pth" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "ran").exists()
+    # The payload is real: loaded the unsafe way, it runs.
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "ran").is_dir()
 
 
 @pytest.mark.parametrize("size", [256, 64])
@@ -127,8 +152,11 @@ def test_the_first_linear_layers_width_gives_the_image_size(size: int) -> None:
     with torch.device("meta"):  # shapes only: a 256 px model would take 304 MB
         state = original_layout(models.CNNModel(image_size=size).state_dict())
     assert state["classifier.1.weight"].shape[1] == 512 * (size // 32) ** 2  # 32768 at 256 px
-    checkpoint = models.from_original_checkpoint({"epoch": 3, "model_state_dict": state})
-    assert checkpoint is not None and checkpoint["image_size"] == size
+    checkpoint = models.from_original_checkpoint({
+        "epoch": 3, "model_state_dict": state, "optimizer_state_dict": {}, "train_history": {},
+        "final_val_loss": 1.0, "final_val_acc": 0.5})
+    assert checkpoint is not None
+    assert models.Checkpoint.from_dict(checkpoint).record.image_size == size
 
 
 @pytest.mark.parametrize("arch", ["deepcnn5", "resnet18", "convnext_tiny"])
@@ -138,20 +166,41 @@ def test_the_architecture_and_preprocessing_round_trip_through_a_checkpoint(
     torch.manual_seed(1)
     model = randomised_batchnorm(models.build_model(arch, 3, 32))
     path = tmp_path / "m.pth"
-    models.save_checkpoint({**models.checkpoint_metadata(32, ["a", "b", "c"], arch, crop=0.6),
-                            "model_state_dict": model.state_dict()}, path)
-    checkpoint = models.load_checkpoint(path)
-    assert models.checkpoint_architecture(checkpoint) == models.ARCHITECTURES[arch]
-    assert models.checkpoint_crop(checkpoint) == 0.6
-    normalised = models.ARCHITECTURES[arch].torchvision
-    assert ("mean" in checkpoint["preprocessing"]) == normalised
+    record = models.ModelRecord(arch, ("a", "b", "c"), models.Preprocessing.for_network(arch, 32, 0.6),
+                                precision="bf16", recipe="default",
+                                trained_on=models.TrainingData("data/train", 12, synthetic=True),
+                                metrics=models.Metrics(epoch=3, val_loss=0.5, val_acc=0.75),
+                                settings={"arch": arch, "learning_rate": 0.01})
+    models.Checkpoint(record, model.state_dict()).save(path)
+    checkpoint = models.read_checkpoint(path)
+    assert checkpoint.record == record and checkpoint.record.settings == record.settings
+    assert checkpoint.record.architecture == models.ARCHITECTURES[arch] and checkpoint.record.crop == 0.6
+    assert (checkpoint.record.preprocessing.mean is not None) == models.ARCHITECTURES[arch].torchvision
+    assert models.read_record(path) == record
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(models.model_from_checkpoint(checkpoint)(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(checkpoint.model()(x), model(x), rtol=0, atol=0)
 
 
-def test_older_checkpoints_without_a_crop_saw_the_whole_frame() -> None:
-    assert models.checkpoint_crop({"preprocessing": {"color": "RGB", "resize": "PIL bilinear"}}) == 1.0
+def test_older_checkpoints_load_into_the_record_with_what_they_did_not_record_unknown(tmp_path: Path) -> None:
+    """A checkpoint written before the record (no crop, recipe, precision or training data): the whole frame,
+    the original recipe, the precision its config gave, the training folder its config named."""
+    path = tmp_path / "older.pth"
+    torch.save({"architecture": "DeepCNN-5Block", "image_size": 32, "num_classes": 2,
+                "class_names": ["a", "b"],
+                "preprocessing": {"color": "RGB", "resize": "PIL bilinear", "scale": "uint8 / 255"},
+                "config": {"precision": "fp32", "train_dir": "old/train"}, "epoch": 4, "best_epoch": 3,
+                "final_val_acc": 0.5, "model_state_dict": models.CNNModel(2, 32).state_dict()}, path)
+    record = models.read_record(path)
+    assert (record.crop, record.recipe, record.precision) == (1.0, "original", "fp32")
+    assert record.trained_on == models.TrainingData("old/train")
+    assert record.trained_on.describe() == "not recorded"
+    assert (record.metrics.epoch, record.metrics.val_acc) == (3, 0.5)
+
+
+def test_the_record_says_what_a_model_was_trained_on() -> None:
+    assert models.TrainingData("d", 2380, True).describe() == "the built-in synthetic sample (2,380 images)"
+    assert models.TrainingData("d", 460, False).describe() == "real images (460 images)"
 
 
 def galaxy_frame(width: int = 90, height: int = 60) -> Image.Image:
@@ -189,7 +238,7 @@ def test_weights_from_a_state_dict_file_start_the_backbone_and_keep_a_new_classi
     torch.manual_seed(0)
     model = models.build_model("resnet18", 10, 32)
     fresh_fc = model.net.fc.weight.clone()
-    assert models.load_pretrained(model, "resnet18", file) == file
+    assert networks.load_pretrained(model, "resnet18", file) == file
     loaded = model.net.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in state.items() if not key.startswith("fc."))
     assert model.net.fc.weight.shape == (10, 512) and torch.equal(model.net.fc.weight, fresh_fc)
@@ -199,9 +248,9 @@ def test_weights_of_another_network_are_a_user_error(tmp_path: Path) -> None:
     save_state_dict(tmp_path / "resnet50.pth", "resnet50")
     resnet18 = models.build_model("resnet18", 10, 32)
     with pytest.raises(Galaxy10Error, match="does not hold resnet18's weights"):
-        models.load_pretrained(resnet18, "resnet18", str(tmp_path / "resnet50.pth"))
+        networks.load_pretrained(resnet18, "resnet18", str(tmp_path / "resnet50.pth"))
     with pytest.raises(Galaxy10Error, match="needs a torchvision network"):
-        models.load_pretrained(models.build_model("deepcnn5", 10, 32), "deepcnn5", "imagenet")
+        networks.load_pretrained(models.build_model("deepcnn5", 10, 32), "deepcnn5", "imagenet")
 
 
 def test_imagenet_weights_come_from_torchs_cache_and_offline_the_error_says_what_to_put_where(
@@ -217,10 +266,10 @@ def test_imagenet_weights_come_from_torchs_cache_and_offline_the_error_says_what
     model = models.build_model("resnet18", 10, 32)
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     with pytest.raises(Galaxy10Error, match=rf"put resnet18-f37072fd.pth \(from https://.*\) into {cache}"):
-        models.load_pretrained(model, "resnet18", "imagenet")
+        networks.load_pretrained(model, "resnet18", "imagenet")
     cache.mkdir(parents=True, exist_ok=True)
     state = save_state_dict(cache / "resnet18-f37072fd.pth", "resnet18")  # as if downloaded once
-    source = models.load_pretrained(model, "resnet18", "imagenet")
+    source = networks.load_pretrained(model, "resnet18", "imagenet")
     assert source == "imagenet (ResNet18_Weights.IMAGENET1K_V1)"
     assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
 
@@ -229,10 +278,10 @@ def test_weights_that_do_not_fit_the_recorded_model_are_a_user_error(tmp_path: P
     """A file that says 32 px but holds a 64 px model's weights: one clear error, as the web page's 503
     and the scripts' one line need, not a RuntimeError from load_state_dict."""
     path = tmp_path / "mislabelled.pth"
-    models.save_checkpoint({**models.checkpoint_metadata(32),
-                            "model_state_dict": models.CNNModel(image_size=64).state_dict()}, path)
+    record = models.ModelRecord("deepcnn5", CLASS_NAMES, models.Preprocessing(32))
+    models.Checkpoint(record, models.CNNModel(image_size=64).state_dict()).save(path)
     with pytest.raises(Galaxy10Error, match="do not fit a 32 px DeepCNN-5Block with 10 classes"):
-        models.model_from_checkpoint(models.load_checkpoint(path))
+        models.read_checkpoint(path).model()
 
 
 # ---------------------------------------------------------------- which module imports which
@@ -246,13 +295,35 @@ def loaded_by(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
-    ("models", SCRIPTS),
-    ("distributed", SCRIPTS),
-    ("catalog", SCRIPTS | {"models"}),  # it is given the classifying function instead
-    ("cnn_use_model", {"cnn"}),
-    ("main", {"cnn"}),
+    ("models", SCRIPTS | TRAINING),
+    ("networks", SCRIPTS | TRAINING | {"models"}),
+    ("distributed", SCRIPTS | TRAINING),
+    ("reports", SCRIPTS | TRAINING),
+    ("catalog", SCRIPTS | TRAINING | {"models"}),  # it is given the classifying function instead
+    ("cnn_use_model", TRAINING),
+    ("main", TRAINING),
 ])
+@pytest.mark.slow
 def test_shared_modules_import_no_script_and_inference_never_the_training_script(
     module: str, forbidden: set[str]
 ) -> None:
     assert loaded_by(module) & forbidden == set()
+
+
+def test_no_source_file_but_models_reads_a_checkpoints_keys() -> None:
+    """What a checkpoint holds is read through models.ModelRecord and models.Checkpoint only: no other
+    module of the project indexes a dictionary by a checkpoint's key."""
+    import ast
+
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name == "models.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            key = node.slice if isinstance(node, ast.Subscript) else None
+            call = node.func if isinstance(node, ast.Call) else None
+            if isinstance(call, ast.Attribute) and call.attr == "get" and node.args:
+                key = node.args[0]
+            if isinstance(key, ast.Constant) and key.value in CHECKPOINT_KEYS:
+                found.append(f"{path.name}:{node.lineno} {key.value}")
+    assert found == []
