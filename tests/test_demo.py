@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from fastapi.testclient import TestClient
+from helpers import ROOT
 
 from galaxy10 import CLASS_NAMES
 from main import create_app
 
-pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("cpu_inference")]  # the references are CPU float32
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 

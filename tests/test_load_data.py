@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import (
+from helpers import (
     ROOT,
     assert_one_line_error,
     dead_pid,
@@ -85,6 +85,26 @@ def test_export_writes_every_row_pixel_exact_with_a_correct_manifest(h5: Path, t
     assert pngs == sorted(r["path"] for r in rows)
     assert {r["split"] for r in rows} == {"train", "val"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_manifest_gives_each_images_own_dec_and_redshift(tmp_path: Path) -> None:
+    """Values of full float64 precision, all different and in ranges that never overlap (dec < 0, redshift
+    in (0, 1), ra > 100): a lost digit, a swapped column or a row out of place shows."""
+    n = sum(COUNTS)
+    rng = np.random.default_rng(7)
+    labels = rng.permutation(np.repeat(np.arange(len(COUNTS)), COUNTS)).astype(np.uint8)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    dec = -rng.uniform(0.001, 20, n)
+    redshift = rng.uniform(0.001, 0.999, n)
+    h5 = write_galaxy10(tmp_path / "g.h5", images, labels, dec=dec, redshift=redshift,
+                        ra=rng.uniform(100, 360, n))
+    assert export(h5, tmp_path / "data") == 0
+    rows = read_manifest(tmp_path / "data")
+    assert sorted(int(r["index"]) for r in rows) == list(range(n))
+    for row in rows:
+        i = int(row["index"])
+        assert (float(row["dec"]), float(row["redshift"])) == (dec[i], redshift[i]), row
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "data" / row["path"])), images[i])
 
 
 def test_worker_processes_write_the_same_files(h5: Path, tmp_path: Path) -> None:
@@ -203,6 +223,7 @@ def images_in(out: Path) -> int:
 
 
 @pytest.mark.parametrize("name", KILLED_RUNS)
+@pytest.mark.distributed
 def test_a_run_killed_mid_way_leaves_no_process_and_the_next_run_cleans_up(name: str, tmp_path: Path) -> None:
     """SIGKILL the main process alone, as an out-of-memory killer or a scheduler does, once its pool works."""
     run = KILLED_RUNS[name]
@@ -363,6 +384,7 @@ def test_verify_compares_the_official_checksum(h5: Path, tmp_path: Path, capsys)
 # ---------------------------------------------------------------- the script
 
 
+@pytest.mark.slow
 def test_import_has_no_side_effects_and_help_works(tmp_path: Path) -> None:
     code = "import sample_data, load_data, preprocess_and_balancing, cnn, cnn_use_model, main"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

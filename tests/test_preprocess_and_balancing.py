@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, dead_pid, file_bytes, random_galaxy10, read_manifest
+from helpers import assert_one_line_error, dead_pid, file_bytes, random_galaxy10, read_manifest
 from PIL import Image
 
 import load_data

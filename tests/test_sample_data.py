@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import dead_pid
+from helpers import dead_pid
 from PIL import Image
 from scipy.ndimage import gaussian_filter, maximum_filter
 
