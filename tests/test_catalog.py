@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, assert_one_line_error, galaxy_array, kill_when, one_thread_env
+from helpers import ROOT, assert_one_line_error, galaxy_array, kill_when, one_thread_env
 from PIL import Image
 
 import catalog
@@ -156,6 +156,7 @@ def assert_same_predictions(table: pa.Table, reference: pa.Table) -> None:
             assert table[name].to_pylist() == reference[name].to_pylist(), name
 
 
+@pytest.mark.distributed
 def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp_path: Path) -> None:
     paths = [*survey_images(tmp_path, 9), "cutouts/missing.png"]
     table = write_catalog(tmp_path / "catalog.csv", {"path": paths})
@@ -174,6 +175,7 @@ def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp
     assert not catalog.parts_folder(merged).exists()
 
 
+@pytest.mark.slow
 def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     """SIGKILL after the first chunk is on disk; images large enough that decoding the rest takes a while."""

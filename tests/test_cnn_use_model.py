@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,14 +15,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    ROOT,
     SIZE,
+    aged,
     bomb_png,
+    file_stamp,
     galaxy_array,
+    one_thread_env,
     png_bytes,
     save_original_checkpoint,
     spread_checkpoint,
     truncated,
+    unsafe_checkpoint,
 )
 from PIL import Image
 
@@ -92,6 +99,20 @@ def test_an_original_checkpoint_predicts_as_the_same_weights_in_this_projects_fo
         assert cum.main(str(image), str(original)) == ours.class_name
 
 
+def test_predicting_with_an_original_checkpoint_never_rewrites_it(
+    original_model: CNNModel, tmp_path: Path
+) -> None:
+    """The original's file is converted in memory only, by predict() and by the command line alike."""
+    original = aged(save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict()))
+    before = file_stamp(original)
+    image = tmp_path / "g.png"
+    Image.fromarray(galaxy_array(5)).save(image)
+    assert cum.predict(image, original).class_name in CLASS_NAMES
+    assert run_cli(cum.cli_main, [str(image), "--model", str(original)]) == 0
+    assert file_stamp(original) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "model.pth"]
+
+
 def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, int]]) -> None:
     for path, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
         for size in (SIZE, 256):
@@ -149,6 +170,17 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     # for another batch size); not rechecking would leave the fake logits' softmax, off by far more.
     torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=1e-5)
     torch.testing.assert_close(probs[[1, 3]], logits[[1, 3]].softmax(1), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("no_native_bf16")
+def test_a_cpu_without_native_bfloat16_infers_in_float32_only(tmp_path: Path) -> None:
+    """Where the CPU lacks AVX512-BF16 and AMX, bfloat16 is emulated and slower: no bfloat16 copy is made,
+    and every prediction is the float32 one."""
+    path = spread_checkpoint(tmp_path / "m.pth", size=64, centred=False)  # a file no cache has seen
+    model = cum.load_model(path, device="cpu")
+    assert model.bf16 is model.fp32
+    images = torch.from_numpy(np.stack([galaxy_array(s, 64) for s in range(4)])).permute(0, 3, 1, 2)
+    assert torch.equal(model.probabilities(images), model.probabilities(images, exact=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -386,6 +418,19 @@ def test_cli_bad_checkpoint_and_no_inputs_exit_2(ckpt: Path, tmp_path: Path,
     assert run_cli(cum.cli_main, [str(empty), "--model", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "bad.pth" in err and "nothing to classify" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # a subprocess that imports torch
+def test_the_command_line_refuses_an_unsafe_checkpoint_in_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "g.png"
+    Image.fromarray(galaxy_array(11)).save(image)
+    bad = unsafe_checkpoint(tmp_path / "bad.pth", tmp_path / "ran")
+    done = subprocess.run([sys.executable, str(ROOT / "cnn_use_model.py"), str(image), "--model", str(bad)],
+                          cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.pth" in lines[0], done.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 def write_h5(path: Path, n: int, labels: bool) -> Path:
