@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import (
+from helpers import (
     ROOT,
+    aged,
     assert_one_line_error,
     colour_folders,
+    file_stamp,
     load,
     original_layout,
+    recorded_precision,
     same_weights,
     save_original_checkpoint,
 )
@@ -93,6 +96,7 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
     assert out.count("(default:") == len(cnn.FLAGS) - len(unset)
 
 
+@pytest.mark.slow
 def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", "import cnn"], cwd=tmp_path, env=env,
@@ -138,6 +142,7 @@ def accuracy_after_training(recipe: str, seed: int, epochs: int) -> float:
     return cnn.evaluate(run.model, data, run.criterion, 64)[1]
 
 
+@pytest.mark.slow
 def test_the_default_recipe_learns_an_easy_set_that_the_original_does_not() -> None:
     """The same loop, data, seed and 48 steps for both recipes: the default one learning the set shows that
     the loop works, so the original's failure is its recipe's (it reached 50% on seeds 0-2)."""
@@ -214,12 +219,22 @@ def test_bad_crop_or_weights_are_one_line_errors(
     assert_one_line_error(capsys, *words)
 
 
+@pytest.mark.usefixtures("no_native_bf16")
 def test_bf16_on_a_cpu_without_it_is_a_one_line_error(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cnn, "native_bf16", lambda device: False)
     assert train(tiny_args(data, tmp_path / "m.pth", "--precision", "bf16")) == 2
     assert_one_line_error(capsys, "--precision bf16 needs", "--precision fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("no_native_bf16")
+def test_precision_auto_on_a_cpu_without_bf16_trains_and_records_float32(data: Path, tmp_path: Path) -> None:
+    """Emulated bfloat16 is slower than float32: auto keeps float32, and the checkpoint says so. (On a CPU
+    with AMX, as on a GPU, the same run trains DeepCNN-5Block in bfloat16.)"""
+    model_path = tmp_path / "m.pth"
+    assert train(tiny_args(data, model_path, "--precision", "auto", "--epochs", "1")) == 0
+    assert recorded_precision(model_path) == "fp32"
 
 
 @pytest.mark.parametrize(("precision", "native", "device", "arch", "bf16"), [
@@ -342,6 +357,7 @@ def test_a_run_writes_a_safe_checkpoint_and_its_reports(trained: Path) -> None:
     assert not cnn.resume_path(trained).exists()  # a finished run has nothing to resume
 
 
+@pytest.mark.slow
 def test_the_same_seed_repeats_the_run(data: Path, trained: Path, tmp_path: Path) -> None:
     """Exact: the same process, thread count and CPU kernels compute the same run twice."""
     assert train(tiny_args(data, tmp_path / "again.pth")) == 0
@@ -519,6 +535,21 @@ def test_init_from_an_original_checkpoint_starts_from_its_weights(
     assert same_weights(load(tmp_path / "scratch.pth")["model_state_dict"], fresh.state_dict())
 
 
+def test_evaluating_and_fine_tuning_an_original_checkpoint_never_rewrite_it(
+    data10: Path, original_model: cnn.CNNModel, tmp_path: Path
+) -> None:
+    """The original's file is converted in memory only: --evaluate and --init-from read it, write their own
+    files beside it, and leave its bytes, time and inode as they were."""
+    original = aged(save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict()))
+    before = file_stamp(original)
+    assert train(["--evaluate", "--model-path", str(original), "--val-dir", str(data10 / "val"),
+                  "--device", "cpu"]) == 0
+    assert models.output_path(original, "report.json").is_file()
+    assert train(galaxy10_args(data10, tmp_path / "tuned.pth", "--init-from", str(original))) == 0
+    assert (tmp_path / "tuned.pth").is_file()
+    assert file_stamp(original) == before
+
+
 def test_init_from_fine_tunes_with_a_fresh_optimiser(data: Path, trained: Path, tmp_path: Path) -> None:
     assert load(trained)["optimizer_state_dict"]["state"][0]["step"] == 4  # 2 epochs of 2 steps
     assert train(tiny_args(data, tmp_path / "tuned.pth", "--epochs", "1", "--init-from", str(trained))) == 0
@@ -670,6 +701,7 @@ def test_evaluation_report_matches_a_hand_computed_case() -> None:
 # ---------------------------------------------------------------- end to end on the built-in sample
 
 
+@pytest.mark.e2e
 def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
     h5 = sample_data.write_sample(tmp_path / "s.h5", n=100, seed=0, image_size=32, workers=1, progress=False)
     balanced = tmp_path / "bal"

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, colour_folders, load, one_thread_env, same_weights
+from helpers import ROOT, assert_one_line_error, colour_folders, load, one_thread_env, same_weights
 
 import cnn
 from galaxy10 import CLASS_NAMES, run_cli
@@ -107,6 +107,7 @@ def confident_start(path: Path) -> Path:
     return path
 
 
+@pytest.mark.distributed
 def test_two_processes_train_like_one_with_twice_the_batch(tmp_path: Path) -> None:
     """With every image the same, each process's BatchNorm statistics over its 2 images equal those over
     all 4 (SyncBatchNorm, which would make that so for any images, has no CPU kernel); with augmentation
@@ -128,6 +129,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path: Path) -> No
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=0.1)
 
 
+@pytest.mark.distributed
 def test_a_torchvision_network_trains_under_torchrun_and_starts_the_next(data: Path, tmp_path: Path) -> None:
     """--arch reaches every process: DDP wraps torchvision's network, rank 0 saves it without DDP's prefix,
     and a second two-process run rebuilds it from that checkpoint (--init-from)."""
@@ -143,6 +145,7 @@ def test_a_torchvision_network_trains_under_torchrun_and_starts_the_next(data: P
     assert cnn.model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+@pytest.mark.distributed
 def test_only_rank_0_writes_files_and_shows_progress(uninterrupted: tuple[Path, Path]) -> None:
     model_path, log_dir = uninterrupted
     assert {p.name for p in model_path.parent.iterdir()} == OUTPUTS  # no resume file, no temporary file
@@ -159,6 +162,7 @@ def test_only_rank_0_writes_files_and_shows_progress(uninterrupted: tuple[Path, 
 # ---------------------------------------------------------------- resuming
 
 
+@pytest.mark.distributed
 def test_resume_under_torchrun_continues_each_process_exactly(
     data: Path, uninterrupted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,6 +197,7 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     assert history["train_loss"][state["epoch"]:] != whole["train_history"]["train_loss"][state["epoch"]:]
 
 
+@pytest.mark.distributed
 def test_a_killed_worker_is_restarted_from_the_resume_file(
     data: Path, uninterrupted: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -224,6 +229,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]:
     return records, load(out / "rank-0.pt")
 
 
+@pytest.mark.distributed
 def test_the_images_left_over_sit_out_an_epoch_and_differ_by_permutation(
     probe: tuple[list[dict], dict]
 ) -> None:
@@ -237,6 +243,7 @@ def test_the_images_left_over_sit_out_an_epoch_and_differ_by_permutation(
         assert set(order) - set(records[0]["taken"][epoch]) - set(records[1]["taken"][epoch]) == {order[8]}
 
 
+@pytest.mark.distributed
 def test_every_process_gets_the_validation_loss_of_the_model_rank_0_saves(
     probe: tuple[list[dict], dict]
 ) -> None:
