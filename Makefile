@@ -19,7 +19,7 @@ PORT         ?= 8000
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 
-.PHONY: help demo pipeline serve test lint bench results clean
+.PHONY: help demo pipeline serve test test-fast lint bench results clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ serve: $(RUNTIME)  ## start the upload page on http://$(HOST):$(PORT)
 test: $(DEV)  ## lint, then the whole test suite
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+test-fast: $(DEV)  ## lint, then the fast lane: no slow, distributed, browser or e2e tests
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow and not distributed and not browser and not e2e"
 
 bench: $(DEV)  ## every benchmark at its documented size
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
