@@ -54,7 +54,6 @@ from models import (  # CNNModel and load_checkpoint: public names of cnn since 
     Checkpoint,
     CNNModel,  # noqa: F401
     ModelRecord,
-    Preprocessing,
     load_checkpoint,  # noqa: F401
     read_checkpoint,
     read_record,
@@ -64,6 +63,7 @@ from reports import write_curves, write_report
 from training import (
     eval_batch_size,
     make_run,
+    new_record,
     predict_logits,
     predict_tta,
     restore,
@@ -97,11 +97,7 @@ def fit(config: Config) -> dict[str, Any]:
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     check_images_per_process(train_scan, val_scan)
-    record = ModelRecord(
-        config.arch, tuple(class_names_for(train_scan.classes)),
-        Preprocessing.for_network(config.arch, config.image_size, config.crop), precision=config.precision,
-        recipe=config.recipe, trained_on=training_data(train_scan), settings=config.settings(),
-    )
+    record = new_record(config, class_names_for(train_scan.classes), training_data(train_scan))
     initial = initial_weights(config, record)
     train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
     val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")

@@ -273,8 +273,8 @@ def resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any]) -> Config
                 f"{flag_name(name)} {value} contradicts the interrupted run's {getattr(config, name)}: "
                 "--resume continues that run as it was; drop the flag, or start a new run without --resume"
             )
-    return dataclasses.replace(config, **{n: v for n, v in given.items() if n in RESUME_MAY_CHANGE},
-                               resume=True)
+    changes = {name: value for name, value in given.items() if name in RESUME_MAY_CHANGE}
+    return dataclasses.replace(config, **{**changes, "resume": True})
 
 
 def resume_command(config: Config) -> str:

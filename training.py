@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,16 @@ from distributed import (
     world_size,
 )
 from galaxy10 import Galaxy10Error
-from models import Checkpoint, ModelRecord, TrainingState, dihedral_views, resume_path, to_model_input
+from models import (
+    Checkpoint,
+    ModelRecord,
+    Preprocessing,
+    TrainingData,
+    TrainingState,
+    dihedral_views,
+    resume_path,
+    to_model_input,
+)
 from networks import load_pretrained
 from reports import write_history
 
@@ -208,6 +218,15 @@ class Run:
     @property
     def eval_batch_size(self) -> int:
         return eval_batch_size(self.config.batch_size, self.device)
+
+
+def new_record(config: Config, class_names: Sequence[str], trained_on: TrainingData | None = None
+               ) -> ModelRecord:
+    """What the checkpoints of a run of a resolved config (Config.resolve) will say of its model."""
+    trained_on = trained_on or TrainingData()
+    preprocessing = Preprocessing.for_network(config.arch, config.image_size, config.crop or 1.0)
+    return ModelRecord(config.arch, tuple(class_names), preprocessing, precision=config.precision,
+                       recipe=config.recipe, trained_on=trained_on, settings=config.settings())
 
 
 def make_run(config: Config, device: torch.device, record: ModelRecord, train: ImageCache, val: ImageCache

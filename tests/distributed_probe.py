@@ -8,40 +8,45 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import new_run
 
 import cnn
+import distributed
+import training
+from config import Config
+from data import ImageCache, iterate_batches
 
 TRAIN_IMAGES = 9  # two processes take 4 each per epoch; one sits out
 EPOCHS = 3
 SEED = 3
 
 
-def shares(train: cnn.ImageCache) -> list[list[int]]:
+def shares(train: ImageCache) -> list[list[int]]:
     """Per epoch, the ids (labels) of the images this process is given, drawn as training draws them."""
     generator = torch.Generator().manual_seed(SEED)
     epochs = range(EPOCHS)
-    return [[int(i) for _, ids in cnn.iterate_batches(train, 2, generator) for i in ids] for _ in epochs]
+    return [[int(i) for _, ids in iterate_batches(train, 2, generator) for i in ids] for _ in epochs]
 
 
 def main(out: Path) -> None:
     # float32 (not --precision auto): test_distributed compares validate()'s loss with a float32 evaluate()
     # at 1e-5, which bfloat16 autocast on a CPU that computes it natively would miss.
-    config = cnn.Config(image_size=32, batch_size=2, num_classes=2, device="cpu", seed=SEED, no_dropout=True,
+    config = Config(image_size=32, batch_size=2, num_classes=2, device="cpu", seed=SEED, no_dropout=True,
                         precision="fp32")
     cpu = torch.device("cpu")
     images = torch.randint(0, 256, (TRAIN_IMAGES, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with cnn.distributed(config):
-        taken = shares(cnn.ImageCache(images, torch.arange(TRAIN_IMAGES), cpu))
+    with cnn.training_processes(config.device):
+        taken = shares(ImageCache(images, torch.arange(TRAIN_IMAGES), cpu))
         labels = torch.arange(TRAIN_IMAGES) % 2
-        val = cnn.ImageCache(images[:5], labels[:5], cpu)  # 5: the processes' parts differ in size
-        run = cnn.make_run(config, cpu, ["a", "b"], cnn.ImageCache(images, labels, cpu), val)
-        rank = cnn.rank()
+        val = ImageCache(images[:5], labels[:5], cpu)  # 5: the processes' parts differ in size
+        run = new_run(config, ["a", "b"], ImageCache(images, labels, cpu), val)
+        rank = distributed.rank()
         own = slice(2 * rank, 2 * rank + 2)  # each process trains on images of its own
         run.forward.train()
-        cnn.train_step(run.forward, run.optimizer, run.criterion, images[own], labels[own], None)
+        training.train_step(run.forward, run.optimizer, run.criterion, images[own], labels[own], None)
         own_statistics = [float(b.sum()) for name, b in run.model.named_buffers() if "running_mean" in name]
-        loss, accuracy = cnn.validate(run)
+        loss, accuracy = training.validate(run)
         if rank == 0:
             torch.save({"model": run.model.state_dict(), "val_images": val.images, "val_labels": val.labels},
                        out / "rank-0.pt")

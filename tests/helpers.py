@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 import models
+from config import Config
+from data import ImageCache
 from galaxy10 import CLASS_NAMES
 from models import (
     DEFAULT_ARCH,
@@ -32,6 +34,7 @@ from models import (
     TrainingState,
     to_model_input,
 )
+from training import Run, make_run, new_record
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared sits beside a developer's checkout and CI's clone; a user's clone has none.
@@ -330,3 +333,18 @@ def _read_into(pipe: io.IOBase, chunks: list[bytes]) -> None:
     raw = getattr(pipe, "buffer", pipe)
     while chunk := raw.read1(65536):
         chunks.append(chunk)
+
+
+def new_run(config: Config, class_names: list[str], train: ImageCache, val: ImageCache) -> Run:
+    """training.make_run for `config` on the CPU, as cnn.fit makes it: resolved, with its model record."""
+    cpu = torch.device("cpu")
+    config = config.resolve(cpu)
+    return make_run(config, cpu, new_record(config, class_names), train, val)
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], class_names: Sequence[str] = CLASS_NAMES,
+                 arch: str = DEFAULT_ARCH, size: int = 32, crop: float = 1.0) -> Path:
+    """A checkpoint of these weights, as cnn.py writes one (without a training state)."""
+    record = ModelRecord(arch, tuple(class_names), Preprocessing.for_network(arch, size, crop))
+    Checkpoint(record, weights).save(path)
+    return path

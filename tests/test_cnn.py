@@ -19,17 +19,26 @@ from helpers import (
     colour_folders,
     file_stamp,
     load,
+    new_run,
     original_layout,
     recorded_precision,
     same_weights,
     save_original_checkpoint,
+    save_weights,
 )
 from PIL import Image
 
+import augment
 import cnn
+import config
 import models
+import networks
 import preprocess_and_balancing
+import reports
 import sample_data
+import training
+from config import FIELDS, PRESET_NETWORKS, PRESETS, Config, parse_config, resume_command
+from data import ImageCache, build_cache, class_names_for, scan_image_folder
 from galaxy10 import CLASS_NAMES, run_cli
 
 CHECKPOINT_KEYS = {
@@ -90,10 +99,10 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
                     "(default: 0.0001)", "(default: 42)", "(default: auto)", "(default: default)"):
         assert default in out
     # An empty default is not shown; one that the recipe decides (None) is named in the flag's own help.
-    unset = [name for name in cnn.FLAGS if getattr(cnn.Config(), name) == ""]
+    unset = [name for name in FIELDS if getattr(Config(), name) == ""]
     assert unset == ["weights", "preset", "init_from"]
     assert out.count("(default: the recipe's") == 2
-    assert out.count("(default:") == len(cnn.FLAGS) - len(unset)
+    assert out.count("(default:") == len(FIELDS) - len(unset)
 
 
 @pytest.mark.slow
@@ -108,11 +117,11 @@ def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
 
 def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path) -> None:
     colour_folders(tmp_path / "ids", classes=("1", "0"), per_class=1)
-    scan = cnn.scan_image_folder(tmp_path / "ids")
+    scan = scan_image_folder(tmp_path / "ids")
     assert scan.classes == ["0", "1"] and scan.labels == [0, 1]
-    assert cnn.class_names_for(scan.classes) == list(CLASS_NAMES[:2])
-    assert cnn.class_names_for(["9", "10", "2"]) == ["9", "10", "2"]
-    assert cnn.class_names_for(["spiral", "round"]) == ["spiral", "round"]
+    assert class_names_for(scan.classes) == list(CLASS_NAMES[:2])
+    assert class_names_for(["9", "10", "2"]) == ["9", "10", "2"]
+    assert class_names_for(["spiral", "round"]) == ["spiral", "round"]
 
 
 # ---------------------------------------------------------------- the training recipe
@@ -122,24 +131,24 @@ def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path
 
 
 
-def colour_cache(per_class: int, seed: int) -> cnn.ImageCache:
+def colour_cache(per_class: int, seed: int) -> ImageCache:
     """Four classes of noisy 32 px squares, one clear colour each: learnable in a few dozen steps."""
     colours = torch.tensor([(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)], dtype=torch.float)
     labels = torch.arange(len(colours)).repeat_interleave(per_class)
     noise = 25 * torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     images = (colours[labels].view(-1, 3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
-    return cnn.ImageCache(images, labels, torch.device("cpu"))
+    return ImageCache(images, labels, torch.device("cpu"))
 
 
 def accuracy_after_training(recipe: str, seed: int, epochs: int) -> float:
     """Train on the colour set with cnn.py's own run and epoch loop; accuracy on the training images."""
     data = colour_cache(per_class=16, seed=0)
-    config = cnn.Config(image_size=32, batch_size=8, num_epochs=epochs, num_classes=4, recipe=recipe,
+    config = Config(image_size=32, batch_size=8, num_epochs=epochs, num_classes=4, recipe=recipe,
                         seed=seed)
-    run = cnn.make_run(config, torch.device("cpu"), list("abcd"), data, data)
+    run = new_run(config, list("abcd"), data, data)
     for epoch in range(1, epochs + 1):
-        cnn.train_one_epoch(run, epoch)
-    return cnn.evaluate(run.model, data, run.criterion, 64)[1]
+        training.train_one_epoch(run, epoch)
+    return training.evaluate(run.model, data, run.criterion, 64)[1]
 
 
 @pytest.mark.slow
@@ -153,9 +162,9 @@ def test_the_default_recipe_learns_an_easy_set_that_the_original_does_not() -> N
 
 
 def test_the_original_recipe_is_reproduced_exactly() -> None:
-    config = cnn.Config(image_size=32, batch_size=8, num_classes=4, recipe="original", seed=5)
+    config = Config(image_size=32, batch_size=8, num_classes=4, recipe="original", seed=5)
     data = colour_cache(per_class=2, seed=0)
-    run = cnn.make_run(config, torch.device("cpu"), list("abcd"), data, data)
+    run = new_run(config, list("abcd"), data, data)
     torch.manual_seed(5)
     reference = cnn.CNNModel(4, 32)  # the original's initialisation: N(0, 0.01) Linear layers, zero bias
     assert same_weights(run.model.state_dict(), reference.state_dict())
@@ -175,20 +184,20 @@ def test_the_checkpoint_records_its_recipe_and_an_older_one_still_loads(
     assert load(trained)["recipe"] == "default"
     older = {key: value for key, value in load(trained).items() if key != "recipe"}
     torch.save(older, tmp_path / "older.pth")
-    checkpoint = cnn.load_checkpoint(tmp_path / "older.pth")
-    assert cnn.checkpoint_recipe(checkpoint) == "original"  # what this project trained with before recipes
+    # What this project trained with before recipes were recorded.
+    assert models.read_record(tmp_path / "older.pth").recipe == "original"
     older_path = tmp_path / "older.pth"
     assert train(["--evaluate", "--model-path", str(older_path), "--val-dir", str(data / "val"),
                   "--device", "cpu"]) == 0
-    assert json.loads(cnn.output_path(older_path, "report.json").read_text())["recipe"] == "original"
+    assert json.loads(models.output_path(older_path, "report.json").read_text())["recipe"] == "original"
 
 
 def test_a_preset_sets_defaults_that_explicit_flags_override() -> None:
-    cpu = cnn.parse_config(["--preset", "cpu"])
+    cpu = parse_config(["--preset", "cpu"])
     assert (cpu.image_size, cpu.num_epochs, cpu.patience) == (64, 6, 3)  # the README's demo profile
-    assert cnn.parse_config(["--preset", "cpu", "--epochs", "30"]).num_epochs == 30
-    assert cnn.parse_config(["--epochs", "30", "--preset", "cpu"]).num_epochs == 30  # order does not matter
-    plain = cnn.parse_config([])  # no preset: the original configuration, with the default recipe
+    assert parse_config(["--preset", "cpu", "--epochs", "30"]).num_epochs == 30
+    assert parse_config(["--epochs", "30", "--preset", "cpu"]).num_epochs == 30  # order does not matter
+    plain = parse_config([])  # no preset: the original configuration, with the default recipe
     assert (plain.image_size, plain.batch_size, plain.num_epochs, plain.patience, plain.learning_rate,
             plain.recipe) == (256, 32, 100, 10, 0.001, "default")
 
@@ -248,42 +257,43 @@ def test_precision_auto_on_a_cpu_without_bf16_trains_and_records_float32(data: P
 def test_precision_auto_takes_bfloat16_where_the_device_computes_it(
     precision: str, native: bool, device: str, arch: str, bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cnn, "native_bf16", lambda d: native and d.type == "cpu")
-    assert cnn.uses_bf16(precision, torch.device(device), arch) is bf16
+    monkeypatch.setattr(config, "native_bf16", lambda d: native and d.type == "cpu")
+    assert (config.resolve_precision(precision, torch.device(device), arch) == "bf16") is bf16
 
 
 def test_bfloat16_autocast_runs_the_model_in_bfloat16(data: Path) -> None:
     """The same weights under float32 and bfloat16: the logits differ by bfloat16's rounding, not more."""
-    cache = cnn.build_cache(cnn.scan_image_folder(data / "val"), 32, 1.0, torch.device("cpu"), 1, "val")
+    cache = build_cache(scan_image_folder(data / "val"), models.Preprocessing(32), torch.device("cpu"), 1,
+                        "val")
     torch.manual_seed(0)
     model = cnn.CNNModel(2, 32, head_init="kaiming")
-    fp32 = cnn.predict_logits(model, cache, 4, bf16=False)
-    bf16 = cnn.predict_logits(model, cache, 4, bf16=True)
+    fp32 = training.predict_logits(model, cache, 4, bf16=False)
+    bf16 = training.predict_logits(model, cache, 4, bf16=True)
     assert fp32.dtype == bf16.dtype == torch.float32  # handed back in float32 either way
     assert not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
 
 
 def test_the_recipes_choose_crop_and_augmentation_and_flags_override_them() -> None:
-    default = cnn.parse_config([]).settle()
+    default = parse_config([]).resolve(torch.device("cpu"))
     assert (default.crop, default.augment) == (0.5, "dihedral")
-    original = cnn.parse_config(["--recipe", "original"]).settle()
+    original = parse_config(["--recipe", "original"]).resolve(torch.device("cpu"))
     assert (original.crop, original.augment) == (1.0, "original")  # the original saw the whole frame
-    chosen = cnn.parse_config(["--recipe", "original", "--crop", "0.6", "--augment", "rotation"]).settle()
+    chosen = parse_config(["--recipe", "original", "--crop", "0.6", "--augment", "rotation"]).resolve(torch.device("cpu"))
     assert (chosen.crop, chosen.augment) == (0.6, "rotation")
-    assert cnn.parse_config(["--no-augment"]).settle().augment == "none"
+    assert parse_config(["--no-augment"]).resolve(torch.device("cpu")).augment == "none"
 
 
 def test_the_real_cpu_preset_adapts_to_the_network_and_explicit_flags_win() -> None:
-    real = cnn.parse_config(["--preset", "real-cpu"])
-    assert real.arch == cnn.PRESETS["real-cpu"]["arch"] != "deepcnn5"
-    assert real.learning_rate == cnn.PRESETS["real-cpu"]["learning_rate"] != cnn.Config.learning_rate
+    real = parse_config(["--preset", "real-cpu"])
+    assert real.arch == PRESETS["real-cpu"]["arch"] != "deepcnn5"
+    assert real.learning_rate == PRESETS["real-cpu"]["learning_rate"] != Config.learning_rate
     for flags in (["--preset", "real-cpu", "--arch", "deepcnn5"],
                   ["--arch", "deepcnn5", "--preset", "real-cpu"]):
-        deepcnn5 = cnn.parse_config(flags)
+        deepcnn5 = parse_config(flags)
         assert deepcnn5.arch == "deepcnn5"
-        assert deepcnn5.learning_rate == cnn.PRESET_NETWORKS["real-cpu", "deepcnn5"]["learning_rate"]
-    chosen = cnn.parse_config(["--preset", "real-cpu", "--arch", "deepcnn5", "--lr", "0.5"])
+        assert deepcnn5.learning_rate == PRESET_NETWORKS["real-cpu", "deepcnn5"]["learning_rate"]
+    chosen = parse_config(["--preset", "real-cpu", "--arch", "deepcnn5", "--lr", "0.5"])
     assert chosen.learning_rate == 0.5
 
 
@@ -308,8 +318,12 @@ def test_another_network_trains_and_its_checkpoint_says_how_to_rebuild_it(resnet
     assert checkpoint["weights"] == str(resnet_run.parent / "imagenet-like.pth")
     assert checkpoint["config"]["augment"] == "rotation"
     assert checkpoint["config"]["precision"] in ("fp32", "bf16")  # what ran, not "auto"
-    model = cnn.model_from_checkpoint(cnn.load_checkpoint(resnet_run))
-    assert isinstance(model, models.TorchvisionNet) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    record = models.read_record(resnet_run)
+    assert (record.arch, record.crop, record.preprocessing.mean) == ("resnet18", 0.75, models.IMAGENET_MEAN)
+    assert record.weights == str(resnet_run.parent / "imagenet-like.pth")
+    assert record.precision in ("fp32", "bf16")
+    model = models.read_checkpoint(resnet_run).model()
+    assert isinstance(model, networks.TorchvisionNet) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
 def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
@@ -319,8 +333,8 @@ def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
     copy.write_bytes(resnet_run.read_bytes())
     evaluate = ["--evaluate", "--model-path", str(copy), "--val-dir", str(data / "val"), "--device", "cpu"]
     assert train(evaluate) == 0
-    report = json.loads(cnn.output_path(copy, "report.json").read_text())
-    trained = json.loads(cnn.output_path(resnet_run, "report.json").read_text())
+    report = json.loads(models.output_path(copy, "report.json").read_text())
+    trained = json.loads(models.output_path(resnet_run, "report.json").read_text())
     assert trained["train_seconds"] > 0 and trained["train_images_per_s"] > 0
     del trained["train_seconds"], trained["train_images_per_s"]  # --evaluate trains nothing
     assert report == {**trained, "checkpoint": str(copy)}
@@ -335,7 +349,7 @@ def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
 # ---------------------------------------------------------------- a training run's outputs
 
 
-def test_a_run_writes_a_safe_checkpoint_and_its_reports(trained: Path) -> None:
+def test_a_run_writes_a_safe_checkpoint_and_its_reports(data: Path, trained: Path) -> None:
     checkpoint = load(trained)
     assert checkpoint.keys() >= CHECKPOINT_KEYS
     history = checkpoint["train_history"]
@@ -346,12 +360,14 @@ def test_a_run_writes_a_safe_checkpoint_and_its_reports(trained: Path) -> None:
     assert checkpoint["final_val_loss"] == history["val_loss"][best - 1]
     assert checkpoint["class_names"] == list(CLASS_NAMES[:2]) and checkpoint["image_size"] == 32
     assert checkpoint["config"]["batch_size"] == 4 and checkpoint["config"]["seed"] == 42
-    assert cnn.model_from_checkpoint(cnn.load_checkpoint(trained))(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
-    assert json.loads(cnn.output_path(trained, "history.json").read_text()) == history
+    assert models.read_checkpoint(trained).model()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    record = models.read_record(trained)
+    assert record.trained_on == models.TrainingData(str(data / "train"), 8, False)
+    assert json.loads(models.output_path(trained, "history.json").read_text()) == history
     for kind in ("curves.png", "confusion.png"):
-        with Image.open(cnn.output_path(trained, kind)) as image:
+        with Image.open(models.output_path(trained, kind)) as image:
             assert image.format == "PNG"
-    report = json.loads(cnn.output_path(trained, "report.json").read_text())
+    report = json.loads(models.output_path(trained, "report.json").read_text())
     assert report["epoch"] == best and report["n_samples"] == 4
     assert sum(map(sum, report["confusion_matrix"])) == 4
     assert not cnn.resume_path(trained).exists()  # a finished run has nothing to resume
@@ -376,11 +392,11 @@ def test_evaluate_flag_reports_on_an_existing_checkpoint(data: Path, trained: Pa
     args = ["--evaluate", "--model-path", str(model_path), "--val-dir", str(data / "val"),
             "--image-size", "64", "--device", "cpu"]
     assert train(args) == 0
-    report = json.loads(cnn.output_path(model_path, "report.json").read_text())
-    trained_report = json.loads(cnn.output_path(trained, "report.json").read_text())
+    report = json.loads(models.output_path(model_path, "report.json").read_text())
+    trained_report = json.loads(models.output_path(trained, "report.json").read_text())
     assert report["accuracy"] == trained_report["accuracy"]
     assert report["confusion_matrix"] == trained_report["confusion_matrix"]
-    assert cnn.output_path(model_path, "confusion.png").is_file()
+    assert models.output_path(model_path, "confusion.png").is_file()
 
 
 # ---------------------------------------------------------------- best epoch, early stopping, resume
@@ -390,7 +406,7 @@ def test_the_best_epoch_is_kept_not_the_last(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     evaluate, snapshots = fake_evaluate([1.0, 0.5, 0.8])
-    monkeypatch.setattr(cnn, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     assert train(tiny_args(data, tmp_path / "m.pth", "--epochs", "3")) == 0
     checkpoint = load(tmp_path / "m.pth")
     assert (checkpoint["best_epoch"], checkpoint["epoch"], checkpoint["final_val_loss"]) == (2, 2, 0.5)
@@ -403,7 +419,7 @@ def test_early_stopping_fires_after_patience(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     evaluate, _ = fake_evaluate([1.0, 0.99995, 1.2, 0.5])  # 0.99995 is within min_delta: no gain
-    monkeypatch.setattr(cnn, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     args = tiny_args(data, tmp_path / "m.pth", "--epochs", "10", "--patience", "2", "--min-delta", "0.0001")
     assert train(args) == 0
     assert load(tmp_path / "m.pth")["train_history"]["val_loss"] == [1.0, 0.99995, 1.2]
@@ -415,24 +431,28 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     model_path = tmp_path / "m.pth"
-    real_train_one_epoch = cnn.train_one_epoch
+    real_train_one_epoch = training.train_one_epoch
 
     def interrupted_in_epoch_2(run, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
         return real_train_one_epoch(run, epoch)
 
-    monkeypatch.setattr(cnn, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
     assert train(tiny_args(data, model_path)) == 130
-    assert f"--model-path {model_path}" in capsys.readouterr().err
+    assert f"python cnn.py --model-path {model_path} --resume" in capsys.readouterr().err
     state = load(cnn.resume_path(model_path))
     assert state["epoch"] == 1 and len(state["train_history"]["val_loss"]) == 1
     assert {"scheduler_state_dict", "early_stopping", "rng"} <= state.keys()
 
     monkeypatch.undo()
-    assert train([*tiny_args(data, model_path), "--resume", "--arch", "resnet18"]) == 2
-    assert_one_line_error(capsys, "the resume file is of --arch deepcnn5", "the interrupted run's settings")
-    assert train([*tiny_args(data, model_path), "--resume"]) == 0
+    # A flag that contradicts the interrupted run is refused; one it agrees with, or --workers, is not.
+    assert train(["--model-path", str(model_path), "--resume", "--arch", "resnet18"]) == 2
+    assert_one_line_error(capsys, "--arch resnet18 contradicts the interrupted run's deepcnn5")
+    assert train(["--model-path", str(model_path), "--resume", "--lr", "0.01"]) == 2
+    assert_one_line_error(capsys, "--lr 0.01 contradicts")
+    # The run's own settings come from the resume file: --model-path and --resume alone finish it.
+    assert train(["--model-path", str(model_path), "--resume"]) == 0
     resumed, uninterrupted = load(model_path), load(trained)
     assert resumed["train_history"] == uninterrupted["train_history"]
     assert same_weights(resumed["model_state_dict"], uninterrupted["model_state_dict"])
@@ -446,11 +466,12 @@ def test_an_interrupted_run_resumes_to_the_same_result(
 def test_the_resume_hint_under_torchrun_is_the_torchrun_command(
     local: str, world: str, launcher: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = cnn.parse_config(["--epochs", "5", "--model-path", "my model.pth"])
-    assert cnn.resume_command(config) == "python cnn.py --model-path 'my model.pth' --epochs 5 --resume"
+    config = parse_config(["--epochs", "5", "--model-path", "my model.pth"])
+    assert resume_command(config) == "python cnn.py --model-path 'my model.pth' --resume"
+    assert resume_command(parse_config(["--epochs", "5"])) == "python cnn.py --resume"
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-    assert cnn.resume_command(config) == f"{launcher} cnn.py --model-path 'my model.pth' --epochs 5 --resume"
+    assert resume_command(config) == f"{launcher} cnn.py --model-path 'my model.pth' --resume"
 
 
 def test_resume_without_a_resume_file_is_a_one_line_error(
@@ -510,13 +531,12 @@ def test_evaluate_flag_reports_on_an_original_checkpoint(
 ) -> None:
     original = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict())
     ours = tmp_path / "ours.pth"
-    cnn.save_checkpoint({**cnn.checkpoint_metadata(32), "model_state_dict": original_model.state_dict()},
-                        ours)
+    save_weights(ours, original_model.state_dict())
     reports = []
     for path in (original, ours):
         assert train(["--evaluate", "--model-path", str(path), "--val-dir", str(data10 / "val"),
                       "--device", "cpu"]) == 0
-        reports.append(json.loads(cnn.output_path(path, "report.json").read_text()))
+        reports.append(json.loads(models.output_path(path, "report.json").read_text()))
     assert reports[0]["n_samples"] == 10 and reports[0]["epoch"] == 1
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
     assert reports[0]["per_class"] == reports[1]["per_class"]
@@ -525,7 +545,7 @@ def test_evaluate_flag_reports_on_an_original_checkpoint(
 def test_init_from_an_original_checkpoint_starts_from_its_weights(
     data10: Path, original_model: cnn.CNNModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cnn, "train_one_epoch", lambda run, epoch: (1.0, 0.5))  # no step: weights kept
+    monkeypatch.setattr(training, "train_one_epoch", lambda run, epoch: (1.0, 0.5))  # no step: weights kept
     original = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict())
     assert train(galaxy10_args(data10, tmp_path / "tuned.pth", "--init-from", str(original))) == 0
     assert same_weights(load(tmp_path / "tuned.pth")["model_state_dict"], original_model.state_dict())
@@ -624,7 +644,7 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest
 def test_a_nan_loss_stops_the_run_with_one_line(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cnn, "augment", lambda x, generator, mode: x * math.nan)
+    monkeypatch.setattr(training, "augment", lambda x, generator, mode: x * math.nan)
     assert train(tiny_args(data, tmp_path / "m.pth")) == 2
     assert_one_line_error(capsys, "the training loss became nan in epoch 1", "--lr")
     assert not (tmp_path / "m.pth").exists()
@@ -635,7 +655,7 @@ def test_a_nan_loss_stops_the_run_with_one_line(
 
 def test_augment_batch_keeps_shape_and_range_and_changes_images() -> None:
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = cnn.augment_batch(x, torch.Generator().manual_seed(1))
+    out = augment.augment_batch(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x, atol=0.05)
@@ -644,27 +664,27 @@ def test_augment_batch_keeps_shape_and_range_and_changes_images() -> None:
 def test_augment_batch_flip_with_p_1_is_a_mirror_image() -> None:
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     still = {"degrees": 0, "translate": 0, "perspective_p": 0, "brightness": 0, "contrast": 0}
-    flipped = cnn.augment_batch(x, torch.Generator().manual_seed(1), flip_p=1.0, **still)
+    flipped = augment.augment_batch(x, torch.Generator().manual_seed(1), flip_p=1.0, **still)
     torch.testing.assert_close(flipped, torch.flip(x, dims=[3]), atol=1e-5, rtol=0)
-    unchanged = cnn.augment_batch(x, torch.Generator(), flip_p=0.0, **still)
+    unchanged = augment.augment_batch(x, torch.Generator(), flip_p=0.0, **still)
     torch.testing.assert_close(unchanged, x, atol=1e-5, rtol=0)
 
 
 def test_augment_batch_is_deterministic_for_a_generator_seed() -> None:
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    a = cnn.augment_batch(x, torch.Generator().manual_seed(5))
-    assert torch.equal(a, cnn.augment_batch(x, torch.Generator().manual_seed(5)))
-    assert not torch.equal(a, cnn.augment_batch(x, torch.Generator().manual_seed(6)))
+    a = augment.augment_batch(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, augment.augment_batch(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, augment.augment_batch(x, torch.Generator().manual_seed(6)))
 
 
 def test_perspective_with_p_1_moves_the_corners_inward() -> None:
-    warps = cnn.perspective_warps(64, torch.Generator().manual_seed(0), torch.device("cpu"), 0.2, 1.0)
+    warps = augment.perspective_warps(64, torch.Generator().manual_seed(0), torch.device("cpu"), 0.2, 1.0)
     corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
     mapped = corners @ warps.transpose(1, 2)
     mapped = mapped[..., :2] / mapped[..., 2:]
     # Output corners sample from outside the source image, so they come out black like torchvision's.
     assert (mapped.abs().amax(-1) >= 1 - 1e-5).all() and (mapped.abs() <= 1.5).all()
-    assert torch.allclose(cnn.perspective_warps(4, torch.Generator(), torch.device("cpu"), 0.2, 0.0),
+    assert torch.allclose(augment.perspective_warps(4, torch.Generator(), torch.device("cpu"), 0.2, 0.0),
                           torch.eye(3).expand(4, 3, 3), atol=1e-6)
 
 
@@ -682,7 +702,7 @@ def test_evaluation_report_matches_a_hand_computed_case() -> None:
         [0.05, 0.07, 0.88],  # right, 0.88 (bin 14)
         [0.04, 0.91, 0.05],  # wrong, 0.91 (bin 14)
     ])
-    report = cnn.evaluation_report(y_true, y_prob, ["a", "b", "c"])
+    report = reports.evaluation_report(y_true, y_prob, ["a", "b", "c"])
     assert report["n_samples"] == 7
     assert report["accuracy"] == pytest.approx(4 / 7)
     assert report["confusion_matrix"] == [[1, 2, 0], [1, 1, 0], [0, 0, 2]]
@@ -713,5 +733,5 @@ def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
     assert train(args) == 0
     checkpoint = load(tmp_path / "m.pth")
     assert checkpoint["class_names"] == list(CLASS_NAMES)
-    report = json.loads(cnn.output_path(tmp_path / "m.pth", "report.json").read_text())
+    report = json.loads(models.output_path(tmp_path / "m.pth", "report.json").read_text())
     assert report["n_samples"] == len(list((balanced / "val").rglob("*.png"))) == 20  # 20% of 100
