@@ -310,6 +310,7 @@ def resnet_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model_path
 
 
+@pytest.mark.slow
 def test_another_network_trains_and_its_checkpoint_says_how_to_rebuild_it(resnet_run: Path) -> None:
     checkpoint = load(resnet_run)
     assert checkpoint["architecture"] == "resnet18"
@@ -326,6 +327,7 @@ def test_another_network_trains_and_its_checkpoint_says_how_to_rebuild_it(resnet
     assert isinstance(model, networks.TorchvisionNet) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
     data: Path, resnet_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -402,6 +404,7 @@ def test_evaluate_flag_reports_on_an_existing_checkpoint(data: Path, trained: Pa
 # ---------------------------------------------------------------- best epoch, early stopping, resume
 
 
+@pytest.mark.slow
 def test_the_best_epoch_is_kept_not_the_last(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -415,6 +418,7 @@ def test_the_best_epoch_is_kept_not_the_last(
     assert not same_weights(checkpoint["model_state_dict"], snapshots[2])
 
 
+@pytest.mark.slow
 def test_early_stopping_fires_after_patience(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -426,6 +430,7 @@ def test_early_stopping_fires_after_patience(
     assert "early stopping" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_result(
     data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
