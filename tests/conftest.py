@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (  # noqa: F401  (for test_main.py and test_browser.py until their imports move to helpers)
-    REAL_GALAXY10,
-    biased_checkpoint,
-    bomb_png,
-    colour_folders,
-    listening_socket,
-    png_bytes,
-    save_original_checkpoint,
-    spread_checkpoint,
-    truncated,
-)
+from helpers import REAL_GALAXY10, colour_folders, spread_checkpoint
 
 import cnn_use_model
 from models import CNNModel

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import biased_checkpoint, listening_socket
+from helpers import biased_checkpoint, listening_socket
 
 from galaxy10 import CLASS_NAMES
 from main import create_app
 
-pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("cpu_inference")]  # the references are CPU float32
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MODEL = "based_on_balanced_data_model"

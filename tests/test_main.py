@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from helpers import (
     biased_checkpoint,
     bomb_png,
     listening_socket,
@@ -29,8 +31,6 @@ from conftest import (
     save_original_checkpoint,
     truncated,
 )
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.responses import PlainTextResponse
 
