@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "torchrun")
         evaluate_checkpoint(config)
         return
+    if config.sync_bn and launched_by_torchrun() and select_device(config.device).type != "cuda":
+        raise Galaxy10Error("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it "
+                            "on CPU")
     with training_processes(config.device):
         config = resume_after_restart(config)
         if config.resume:
@@ -91,9 +94,6 @@ def fit(config: Config) -> dict[str, Any]:
     report of the best epoch on the val set."""
     device = training_device(config.device)
     config = config.resolve(device)
-    if config.sync_bn and world_size() > 1 and device.type != "cuda":
-        raise Galaxy10Error("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it "
-                            "on CPU")
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     check_images_per_process(train_scan, val_scan)

@@ -279,7 +279,8 @@ def test_the_recipes_choose_crop_and_augmentation_and_flags_override_them() -> N
     assert (default.crop, default.augment) == (0.5, "dihedral")
     original = parse_config(["--recipe", "original"]).resolve(torch.device("cpu"))
     assert (original.crop, original.augment) == (1.0, "original")  # the original saw the whole frame
-    chosen = parse_config(["--recipe", "original", "--crop", "0.6", "--augment", "rotation"]).resolve(torch.device("cpu"))
+    flags = ["--recipe", "original", "--crop", "0.6", "--augment", "rotation"]
+    chosen = parse_config(flags).resolve(torch.device("cpu"))
     assert (chosen.crop, chosen.augment) == (0.6, "rotation")
     assert parse_config(["--no-augment"]).resolve(torch.device("cpu")).augment == "none"
 

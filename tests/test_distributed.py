@@ -16,9 +16,20 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, colour_folders, load, one_thread_env, same_weights
+from helpers import (
+    ROOT,
+    assert_one_line_error,
+    colour_folders,
+    load,
+    one_thread_env,
+    same_weights,
+    save_weights,
+)
 
 import cnn
+import models
+import training
+from data import ImageCache
 from galaxy10 import CLASS_NAMES, run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -102,8 +113,7 @@ def confident_start(path: Path) -> Path:
     for layer in model.classifier:
         if isinstance(layer, torch.nn.Linear):
             torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    weights = {"model_state_dict": model.state_dict()}
-    cnn.save_checkpoint({**cnn.checkpoint_metadata(32, CLASS_NAMES[:2]), **weights}, path)
+    save_weights(path, model.state_dict(), CLASS_NAMES[:2])
     return path
 
 
@@ -124,7 +134,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path: Path) -> No
     assert run_cli(cnn.main, tiny_args(data, tmp_path / "one.pth", 4, 2, *same_start)) == 0
     done = torchrun(tiny_args(data, tmp_path / "two.pth", 2, 2, *same_start))
     assert done.returncode == 0, done.stderr
-    one, two = (json.loads(cnn.output_path(tmp_path / name, "history.json").read_text())
+    one, two = (json.loads(models.output_path(tmp_path / name, "history.json").read_text())
                 for name in ("one.pth", "two.pth"))
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=0.1)
 
@@ -139,20 +149,21 @@ def test_a_torchvision_network_trains_under_torchrun_and_starts_the_next(data: P
     done = torchrun(tiny_args(data, second, 2, 1, "--arch", "resnet18", "--init-from", str(first)))
     assert done.returncode == 0, done.stderr
     assert f"starting from the weights of {first}" in done.stdout
-    checkpoint = cnn.load_checkpoint(second)
-    assert checkpoint["architecture"] == "resnet18"
-    assert not any(key.startswith("module.") for key in checkpoint["model_state_dict"])
-    assert cnn.model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    checkpoint = models.read_checkpoint(second)
+    assert checkpoint.record.arch == "resnet18"
+    assert not any(key.startswith("module.") for key in checkpoint.weights)
+    assert checkpoint.model()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
 @pytest.mark.distributed
 def test_only_rank_0_writes_files_and_shows_progress(uninterrupted: tuple[Path, Path]) -> None:
     model_path, log_dir = uninterrupted
     assert {p.name for p in model_path.parent.iterdir()} == OUTPUTS  # no resume file, no temporary file
-    checkpoint = cnn.load_checkpoint(model_path)
-    assert not any(key.startswith("module.") for key in checkpoint["model_state_dict"])
-    assert cnn.model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
-    assert checkpoint["epochs_trained"] == 3 and len(checkpoint["train_history"]["val_loss"]) == 3
+    checkpoint = models.read_checkpoint(model_path)
+    assert not any(key.startswith("module.") for key in checkpoint.weights)
+    assert checkpoint.model()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert checkpoint.record.metrics.epochs_trained == 3 and checkpoint.training is not None
+    assert len(checkpoint.training.history["val_loss"]) == 3
     assert "epoch 3/3" in worker_log(log_dir, 0, 0, "stdout")
     assert "decoding train" in worker_log(log_dir, 0, 0, "stderr")
     assert worker_log(log_dir, 0, 1, "stdout") == ""
@@ -179,7 +190,7 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     one_process.parent.mkdir()
     shutil.copy(cnn.resume_path(model_path), cnn.resume_path(one_process))
 
-    done = torchrun([*run_args(data, model_path), "--resume"])
+    done = torchrun(["--model-path", str(model_path), "--resume"])  # the run's settings are in the file
     assert done.returncode == 0, done.stderr
     assert f"resuming after epoch {state['epoch']} of 3" in done.stdout
     resumed, whole = load(model_path), load(uninterrupted[0])
@@ -187,7 +198,7 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     assert same_weights(resumed["model_state_dict"], whole["model_state_dict"])
     assert not cnn.resume_path(model_path).exists()
 
-    assert run_cli(cnn.main, [*run_args(data, one_process), "--resume"]) == 0
+    assert run_cli(cnn.main, ["--model-path", str(one_process), "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"resuming after epoch {state['epoch']} of 3" in out
     assert "holds the random streams of 2 process(es), not 1" in out
@@ -254,9 +265,9 @@ def test_every_process_gets_the_validation_loss_of_the_model_rank_0_saves(
     assert records[0]["val_accuracy"] == records[1]["val_accuracy"]
     model = cnn.CNNModel(2, 32)
     model.load_state_dict(rank_0["model"])
-    val = cnn.ImageCache(rank_0["val_images"], rank_0["val_labels"], torch.device("cpu"))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
-    loss, accuracy = cnn.evaluate(model, val, criterion, batch_size=5)
+    val = ImageCache(rank_0["val_images"], rank_0["val_labels"], torch.device("cpu"))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=training.LABEL_SMOOTHING)
+    loss, accuracy = training.evaluate(model, val, criterion, batch_size=5)
     assert records[0]["val_loss"] == pytest.approx(loss, rel=1e-5)  # the sum over two parts, in float32
     assert records[0]["val_accuracy"] == pytest.approx(accuracy)  # 3 of 5 either way
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def test_worker_processes_write_the_same_files(h5: Path, tmp_path: Path) -> None
     assert export(h5, tmp_path / "one") == 0
     assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     one = file_bytes(tmp_path / "one")
-    assert len(one) == sum(COUNTS) + 1  # every image and the manifest
+    assert len(one) == sum(COUNTS) + 2  # every image, the manifest and what the export came from
+    assert json.loads(one["dataset.json"]) == {"h5": str(h5), "images": sum(COUNTS), "synthetic": False}
     assert file_bytes(tmp_path / "two") == one
 
 
@@ -409,3 +411,20 @@ def test_real_galaxies_round_trip_pixel_for_pixel(real_galaxies, tmp_path: Path)
     for row in rows:
         exported = np.asarray(Image.open(tmp_path / "data" / row["path"]))
         assert np.array_equal(exported, images[int(row["index"])])
+
+
+def test_an_export_of_the_built_in_sample_says_it_is_synthetic_and_training_records_it(
+    tmp_path: Path
+) -> None:
+    """sample_data.py marks its file; the export says so beside its manifest; a run on it records it."""
+    import data
+    import sample_data
+
+    h5 = sample_data.write_sample(tmp_path / "sample.h5", n=60, image_size=64, workers=1, progress=False)
+    assert galaxy10.open_galaxy10(h5).synthetic
+    assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["synthetic"] is True
+    scan = data.scan_image_folder(tmp_path / "out" / "train")
+    trained_on = data.training_data(scan)
+    assert trained_on.synthetic is True and trained_on.images == len(scan.paths)
+    assert trained_on.describe() == f"the built-in synthetic sample ({len(scan.paths)} images)"
