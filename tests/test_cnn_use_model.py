@@ -25,6 +25,7 @@ from helpers import (
     one_thread_env,
     png_bytes,
     save_original_checkpoint,
+    save_weights,
     spread_checkpoint,
     truncated,
     unsafe_checkpoint,
@@ -33,17 +34,20 @@ from PIL import Image
 
 import cnn
 import cnn_use_model as cum
+import data
 import models
-from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
-from models import CNNModel, image_to_tensor, model_from_checkpoint, to_model_input
+import networks
+from galaxy10 import CLASS_NAMES, FileCache, Galaxy10Error, run_cli
+from models import CNNModel, image_to_tensor, to_model_input
 
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 
 
 def plain_probabilities(ckpt: Path, images: list[Image.Image]) -> torch.Tensor:
     """The reference: cnn.py's own model and preprocessing, float32, no optimisation."""
-    model = model_from_checkpoint(torch.load(ckpt, weights_only=True))
-    batch = torch.stack([image_to_tensor(image, model.image_size) for image in images])
+    checkpoint = models.read_checkpoint(ckpt)
+    model = checkpoint.model()
+    batch = torch.stack([image_to_tensor(image, checkpoint.record.image_size) for image in images])
     with torch.no_grad():
         return model(to_model_input(batch)).softmax(dim=1)
 
@@ -113,11 +117,15 @@ def test_predicting_with_an_original_checkpoint_never_rewrites_it(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "model.pth"]
 
 
-def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, int]]) -> None:
-    for path, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
-        for size in (SIZE, 256):
-            expected = image_to_tensor(Image.open(path), size)
-            assert torch.equal(cum.model_input(cum.open_image(path), size), expected)
+def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, int]], tmp_path: Path) -> None:
+    """The prepared model's input for a real galaxy is what training decodes into its cache, crop included."""
+    for size, crop in ((SIZE, 1.0), (64, 0.5)):
+        path = save_weights(tmp_path / f"{size}.pth", CNNModel(10, size).state_dict(), size=size, crop=crop)
+        model = cum.load_model(path)
+        for galaxy, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
+            expected = data.read_image(galaxy, model.record.preprocessing)
+            assert torch.equal(model.preprocess(cum.open_image(galaxy)), expected)
+            assert torch.equal(expected, image_to_tensor(Image.open(galaxy), size, crop))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +140,7 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the bfloat16 path on any CPU, as on one with AVX512-BF16 or AMX (PyTorch computes bfloat16 on
     other CPUs too, only slower), with a model cache of this test's own."""
     monkeypatch.setattr(cum, "native_bf16", lambda device: device.type == "cpu")
-    monkeypatch.setattr(cum, "_cache", {})
+    monkeypatch.setattr(cum, "_models", FileCache())
 
 
 @pytest.mark.usefixtures("native_bf16")
@@ -206,7 +214,7 @@ def test_image_modes(ckpt: Path, tmp_path: Path) -> None:
 
 def decoded(image: Image.Image) -> np.ndarray:
     """The model's input for an image, as int (H, W, 3) pixels."""
-    return cum.model_input(image, SIZE).permute(1, 2, 0).numpy().astype(int)
+    return models.Preprocessing(SIZE)(image).permute(1, 2, 0).numpy().astype(int)
 
 
 def test_palette_greyscale_and_cmyk_images_decode_to_their_colours() -> None:
@@ -299,8 +307,8 @@ def test_threads_share_one_model_and_agree(
     arrays = [galaxy_array(seed) for seed in range(6)]
     expected = [cum.predict(a, ckpt).probabilities for a in arrays]
     loads: list[Path] = []
-    real_load = cum.load_checkpoint
-    monkeypatch.setattr(cum, "load_checkpoint", lambda p, **kw: loads.append(p) or real_load(p, **kw))
+    real_read = cum.read_checkpoint
+    monkeypatch.setattr(cum, "read_checkpoint", lambda p, **kw: loads.append(p) or real_read(p, **kw))
     results: dict[int, tuple[float, ...]] = {}
     heatmaps: dict[int, np.ndarray] = {}
     start = threading.Barrier(6)
@@ -515,8 +523,7 @@ def cropped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path],
         network.classifier[-1].bias.copy_(-logits.mean(0) * scale)
         classes = [network(x).argmax(1).tolist() for x in inputs]
     model_path = root / "cropped.pth"
-    metadata = models.checkpoint_metadata(SIZE, CLASS_NAMES, crop=0.5)
-    models.save_checkpoint({**metadata, "model_state_dict": network.state_dict()}, model_path)
+    save_weights(model_path, network.state_dict(), size=SIZE, crop=0.5)
     paths = []
     for label in range(10):
         (root / "val" / str(label)).mkdir(parents=True)
@@ -554,7 +561,7 @@ def test_every_consumer_applies_the_checkpoints_crop(
     args = ["--evaluate", "--model-path", str(model_path), "--val-dir", str(images[0].parents[1]),
             "--device", "cpu", "--precision", "fp32"]
     assert run_cli(cnn.main, args) == 0
-    assert json.loads(cnn.output_path(model_path, "report.json").read_text())["accuracy"] == 1.0
+    assert json.loads(models.output_path(model_path, "report.json").read_text())["accuracy"] == 1.0
 
 
 def torchvision_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
@@ -565,13 +572,11 @@ def torchvision_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2.0)
     probe = torch.from_numpy(np.stack([galaxy_array(s) for s in range(16)])).permute(0, 3, 1, 2)
-    output = model.net.get_submodule(models.last_linear_name(model.net))
+    output = model.net.get_submodule(networks.last_linear_name(model.net))
     with torch.no_grad():
         logits = model(to_model_input(probe))
         output.weight.mul_(3.0 / (logits - logits.mean(0)).std())
-    metadata = models.checkpoint_metadata(32, CLASS_NAMES, arch, crop=0.8)
-    models.save_checkpoint({**metadata, "model_state_dict": model.state_dict()}, path)
-    return path
+    return save_weights(path, model.state_dict(), arch=arch, size=32, crop=0.8)
 
 
 @pytest.mark.usefixtures("native_bf16")
@@ -581,10 +586,10 @@ def test_torchvision_networks_are_prepared_for_inference_and_explained_by_grad_c
 ) -> None:
     path = torchvision_checkpoint(tmp_path / f"{arch}.pth", arch)
     model = cum.load_model(path)
-    assert model.architecture == arch and model.crop == 0.8 and model.bf16 is not model.fp32
+    assert model.record.arch == arch and model.record.crop == 0.8 and model.bf16 is not model.fp32
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.body.modules())
     images = [Image.fromarray(galaxy_array(seed, size=48)) for seed in range(8)]
-    plain = models.model_from_checkpoint(models.load_checkpoint(path))
+    plain = models.read_checkpoint(path).model()
     batch = torch.stack([image_to_tensor(image, 32, 0.8) for image in images])
     with torch.no_grad():
         reference = plain(to_model_input(batch)).softmax(1).double()
