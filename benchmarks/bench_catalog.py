@@ -42,7 +42,7 @@ import sample_data  # noqa: E402
 from galaxy10 import CLASS_NAMES  # noqa: E402
 from load_data import save_png  # noqa: E402
 from models import CNNModel  # noqa: E402
-from tests.conftest import save_model_checkpoint  # noqa: E402
+from tests.helpers import save_model_checkpoint  # noqa: E402
 
 SPEED_COLUMNS = [{"key": "images_per_s", "label": "images/s", "format": ".0f"},
                  {"key": "images_per_s_after_startup", "label": "after startup", "format": ".0f"},

@@ -31,12 +31,15 @@ sys.path.insert(0, str(ROOT))
 import record  # noqa: E402
 
 import cnn_use_model  # noqa: E402
+from galaxy10 import CLASS_NAMES  # noqa: E402
 from models import (  # noqa: E402
+    DEFAULT_ARCH,
+    Checkpoint,
     CNNModel,
-    checkpoint_metadata,
+    ModelRecord,
+    Preprocessing,
     image_to_tensor,
-    model_from_checkpoint,
-    save_checkpoint,
+    read_checkpoint,
     to_model_input,
 )
 
@@ -84,9 +87,7 @@ def sample_images(count: int, folder: Path) -> list[Path]:
 def write_random_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
     model = CNNModel(image_size=256)
-    payload = {"epoch": 1, "model_state_dict": model.state_dict(), "optimizer_state_dict": {},
-               "train_history": {}, "final_val_loss": 0.0, "final_val_acc": 0.0, **checkpoint_metadata(256)}
-    save_checkpoint(payload, path)
+    Checkpoint(ModelRecord(DEFAULT_ARCH, CLASS_NAMES, Preprocessing(256)), model.state_dict()).save(path)
 
 
 def original_call(image_path: Path, model_path: Path) -> int:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         original = [timed(lambda: original_call(single, ckpt)) for _ in range(args.original_calls)]
         results["original_per_call"] = summary(original)
 
-        plain_model = model_from_checkpoint(cnn_use_model.load_checkpoint(ckpt))
+        plain_model = read_checkpoint(ckpt).model()
         plain = plain_call(plain_model)
         load_s = timed(lambda: cnn_use_model.load_model(ckpt))
         results["first_load_s"] = load_s

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 import record  # noqa: E402
 
-from models import CNNModel, checkpoint_metadata, save_checkpoint  # noqa: E402
+from galaxy10 import CLASS_NAMES  # noqa: E402
+from models import DEFAULT_ARCH, Checkpoint, CNNModel, ModelRecord, Preprocessing  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 MODEL_NAME = "based_on_balanced_data_model"
@@ -76,16 +77,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def write_checkpoint(folder: Path, image_size: int) -> None:
-    payload = {
-        "epoch": 0,
-        "model_state_dict": CNNModel(image_size=image_size).state_dict(),
-        "optimizer_state_dict": {},
-        "train_history": {},
-        "final_val_loss": 0.0,
-        "final_val_acc": 0.0,
-        **checkpoint_metadata(image_size),
-    }
-    save_checkpoint(payload, folder / f"{MODEL_NAME}.pth")
+    record = ModelRecord(DEFAULT_ARCH, CLASS_NAMES, Preprocessing(image_size))
+    Checkpoint(record, CNNModel(image_size=image_size).state_dict()).save(folder / f"{MODEL_NAME}.pth")
 
 
 def free_port() -> int:

@@ -39,9 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import record  # noqa: E402
 
 import cnn  # noqa: E402
-from distributed import native_bf16  # noqa: E402
+from config import RECIPES, Config  # noqa: E402
+from data import ImageCache, build_cache, iterate_batches, scan_image_folder  # noqa: E402
+from distributed import (
+    DEVICES,  # noqa: E402
+    native_bf16,  # noqa: E402
+)
 from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
-from models import ARCHITECTURES, build_model  # noqa: E402
+from models import ARCHITECTURES, Preprocessing, build_model  # noqa: E402
+from training import LABEL_SMOOTHING, MAX_GRAD_NORM, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 COLUMNS = [
     {"key": "fp32_images_per_s", "label": "float32 images/s", "format": ".1f"},
@@ -99,40 +105,40 @@ def forever(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
         yield from batches()
 
 
-def build_train_cache(root: Path, args: argparse.Namespace) -> tuple[cnn.ImageCache, float]:
+def build_train_cache(root: Path, args: argparse.Namespace) -> tuple[ImageCache, float]:
     """(a)'s uint8 cache on the device, and the seconds it took to decode."""
     device = cnn.training_device(args.device)
     start = time.perf_counter()
-    scan = cnn.scan_image_folder(root)
-    cache = cnn.build_cache(scan, args.image_size, 1.0, device, args.workers, "decoding")
+    scan = scan_image_folder(root)
+    cache = build_cache(scan, Preprocessing(args.image_size), device, args.workers, "decoding")
     return cache, time.perf_counter() - start
 
 
-def bench_pipeline(cache: cnn.ImageCache, arch: str, bf16: bool, args: argparse.Namespace) -> float:
+def bench_pipeline(cache: ImageCache, arch: str, bf16: bool, args: argparse.Namespace) -> float:
     """(a) cnn.py's path for one network and precision: the cache, device-side augmentation (the default
     recipe's), channels_last, bfloat16 autocast or float32; training images/s."""
     device = cache.device
     torch.manual_seed(0)
-    recipe = cnn.RECIPES["default"]
+    recipe = RECIPES["default"]
     model = build_model(arch, len(CLASS_NAMES), args.image_size, head_init=recipe.head_init)
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
     forward.train()
-    optimizer = cnn.make_optimizer(model, recipe, cnn.Config.learning_rate, device)
-    scheduler = cnn.make_scheduler(optimizer, recipe, args.warmup + args.steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
+    optimizer = make_optimizer(model, recipe, Config.learning_rate, device)
+    scheduler = make_scheduler(optimizer, recipe, args.warmup + args.steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     shuffle, augment = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1)
-    batches = forever(lambda: cnn.iterate_batches(cache, args.batch_size, shuffle))
+    batches = forever(lambda: iterate_batches(cache, args.batch_size, shuffle))
 
     def step() -> None:
-        cnn.train_step(forward, optimizer, criterion, *next(batches), augment, recipe.augment, bf16)
+        train_step(forward, optimizer, criterion, *next(batches), augment, recipe.augment, bf16)
         scheduler.step()
 
     precision = "bf16" if bf16 else "fp32"
     return images_per_s(step, args.warmup, args.steps, args.batch_size, device, f"{arch} {precision}")
 
 
-def bench_precisions(cache: cnn.ImageCache, arch: str, args: argparse.Namespace) -> dict[str, float]:
+def bench_precisions(cache: ImageCache, arch: str, args: argparse.Namespace) -> dict[str, float]:
     """float32 against bfloat16 for one network, alternating `rounds` times so that a machine that speeds
     up or slows down during the run favours neither; the best round of each."""
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
@@ -164,7 +170,7 @@ def bench_original(root: Path, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
+    criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     batches = forever(lambda: iter(loader))
 
     def step() -> None:
@@ -173,7 +179,7 @@ def bench_original(root: Path, args: argparse.Namespace) -> float:
         loss = criterion(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cnn.MAX_GRAD_NORM)
+        nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
 
     return images_per_s(step, args.warmup, args.steps, args.batch_size, device, "original pipeline")
@@ -193,7 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (default: 100)")
-    parser.add_argument("--device", choices=cnn.DEVICES, default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto picks cuda when available (default: auto)")
     parser.add_argument("--workers", type=int, default=cpus,
                         help=f"processes writing, threads decoding the PNGs (default: the CPU count, {cpus})")
