@@ -11,23 +11,21 @@ From Python, `main(img_path, model_path)` returns the class name as the original
 returns the whole `Prediction`. A checkpoint is loaded once per file and prepared for speed:
 BatchNorm folded into the convolutions, channels_last, and, where the CPU computes bfloat16 natively
 (AVX512-BF16 or AMX), the convolutions and the first linear layer in bfloat16: about twice as fast as
-float32, which alone cannot reach 55 ms per 256 px image on 2 cores. Images whose two best classes are
-nearly tied are recomputed in float32. The top class matched float32 on all 60 real sample images, but
-on the 64 px demo model it differed on 2 of 460 near ties, so `exact=True` (`--exact`) is there for
-results that must equal float32's.
+float32 (docs/results.md, inference). Images whose two best classes are nearly tied are recomputed in
+float32; as a few near ties can still differ from float32, `exact=True` (`--exact`) is there for results
+that must equal float32's.
 
-Here: reading images (`open_image`), the prepared model (`InferenceModel`, `load_model`), `predict`,
-`main`, Grad-CAM, and the command line. The network and its preprocessing come from models.py; output
-files (`--out`, `--shard`, `--resume`, catalogs) are catalog.py's, given this module's classifying function.
+Here: the prepared model (`InferenceModel`, `load_model`), `predict`, `main`, Grad-CAM, and the command
+line. Images are read by images.py; what a model is (network, classes, preprocessing) is its record in
+models.py; output files (`--out`, `--shard`, `--resume`, catalogs) are catalog.py's, given this module's
+classifying function.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import io
 import os
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -57,6 +55,7 @@ from catalog import (
 )
 from distributed import DEVICES, native_bf16, select_device, torchrun_group
 from galaxy10 import FileCache, Galaxy10Error, Galaxy10File, open_galaxy10, run_cli
+from images import MAX_PIXELS, ImageError, ImageTooLargeError, Source, open_image  # noqa: F401
 from models import (
     IMAGE_EXTENSIONS,
     Checkpoint,
@@ -70,8 +69,6 @@ from networks import fold_batchnorm, split_at_last_conv
 from reports import format_accuracy
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
-# 40 megapixels is a 6,300 px square, far beyond any survey cutout; the decoded RGB is 120 MB.
-MAX_PIXELS = 40_000_000
 H5_SUFFIXES = (".h5", ".hdf5")
 H5_CHUNK_ROWS = 64
 # bfloat16 moves logits by a median 0.2-0.5% of an image's logit range (max - min), with a long tail
@@ -79,85 +76,6 @@ H5_CHUNK_ROWS = 64
 # 64 px demo model that recomputes 31% of images and halves the changed top-1 classes (4 -> 2 of 460);
 # making the margin wide enough to remove the last ones would recompute most images.
 NEAR_TIE = 0.03
-
-Source = str | os.PathLike | bytes | Image.Image | np.ndarray
-
-
-class ImageError(Galaxy10Error):
-    """The input cannot be read as an image."""
-
-
-class ImageTooLargeError(ImageError):
-    """The image declares more pixels than the limit (a decompression bomb, or just too big)."""
-
-
-# ---------------------------------------------------------------- reading images
-
-
-def open_image(source: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Any ordinary image (a path, encoded bytes, a PIL image or a uint8 array) as a loaded PIL image.
-
-    The size is checked from the header before anything is decoded, so a small file that declares a
-    huge image never allocates it.
-    """
-    if isinstance(source, Image.Image):
-        _check_pixels(source.size, max_pixels, "the image")
-        return source
-    if isinstance(source, np.ndarray):
-        return _image_from_array(source, max_pixels)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(source), "the uploaded data", max_pixels)
-    if isinstance(source, str) and not source:
-        raise ImageError("the path is empty: give the path of an image file")
-    path = Path(source)
-    if not path.is_file():
-        raise ImageError(f"{path} not found: give the path of an image file")
-    with path.open("rb") as file:
-        return _decode(file, str(path), max_pixels)
-
-
-def _decode(file: io.IOBase, name: str, max_pixels: int) -> Image.Image:
-    with warnings.catch_warnings():
-        # PIL only warns between its limit and twice its limit; a warning here is a bomb too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(file)  # lazy: reads the header only
-            _check_pixels(image.size, max_pixels, name)
-            image.load()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageTooLargeError(f"{name} is too large to decode safely ({err})") from None
-        except ImageTooLargeError:
-            raise
-        except Exception as err:  # PIL raises many types for damaged or foreign data
-            reason = _reason(err)
-            raise ImageError(f"{name} is not a readable image ({reason}): use a PNG or JPEG file") from None
-    return image
-
-
-def _reason(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return "not a format PIL can identify"  # its message ends with a memory address
-    return str(err) or type(err).__name__
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
-    width, height = size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name} is {width}x{height} pixels, more than the {max_pixels:,} allowed: use a smaller image"
-        )
-    if width == 0 or height == 0:
-        raise ImageError(f"{name} is empty ({width}x{height} pixels)")
-
-
-def _image_from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ImageError(
-            f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}"
-        )
-    _check_pixels((array.shape[1], array.shape[0]), max_pixels, "the array")
-    return Image.fromarray(np.ascontiguousarray(array))
-
 
 # ---------------------------------------------------------------- the model, prepared once
 
