@@ -22,7 +22,7 @@ DEV     := $(VENV)/.dev-installed
 .PHONY: help demo pipeline serve test test-fast lint bench results clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(RUNTIME): $(ROOT)requirements.txt
 	$(PYTHON) -m venv $(VENV)
