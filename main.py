@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -42,17 +42,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cnn_use_model import (
-    ImageError,
-    ImageTooLargeError,
-    Prediction,
-    grad_cam,
-    open_image,
-    overlay_heatmap,
-    predict,
-)
-from galaxy10 import Galaxy10Error, run_cli
-from models import RESUME_KIND, checkpoint_crop, load_checkpoint, to_rgb8
+from cnn_use_model import Prediction, grad_cam, overlay_heatmap, predict
+from galaxy10 import FileCache, Galaxy10Error, run_cli
+from images import ImageError, ImageTooLargeError, open_image
+from models import ModelRecord, is_resume_file, read_record, to_rgb8
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"
@@ -162,7 +155,7 @@ class InMemoryUploadRequest(Request):
         if self._form is None and media_type == "multipart/form-data":
             async with aclosing(self.stream()) as stream:
                 parser = MultiPartParser(self.headers, stream, **limits)
-                parser.spool_max_size = self.app.state.max_upload_bytes
+                parser.spool_max_size = self.app.state.settings.max_upload_bytes
                 try:
                     self._form = await parser.parse()
                 except MultiPartException as err:  # as Starlette answers a malformed form
@@ -183,53 +176,67 @@ class InMemoryUploadRoute(APIRoute):
         return in_memory_handler
 
 
-# ---------------------------------------------------------------- the checkpoints on offer
+# ---------------------------------------------------------------- what is served, and how
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """One checkpoint of this project, known to clients only by its name."""
+class Settings:
+    """What `create_app` was asked for (main.py's flags); checked when made, so a bad flag is one line."""
+
+    models_dir: Path
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    default_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not Path(self.models_dir).is_dir():
+            raise Galaxy10Error(
+                f"models folder {self.models_dir} not found: pass --models-dir with your .pth files")
+        if not self.max_upload_mb > 0:
+            raise Galaxy10Error(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_upload_text(self) -> str:
+        return f"{self.max_upload_mb:g} MB"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One checkpoint on offer: known to clients only by its name (the file stem), described by its record."""
 
     name: str
     path: Path
-    architecture: str
-    image_size: int
-    crop: float  # the centre fraction of the frame the model sees
-    class_names: tuple[str, ...]
-    val_acc: float | None
-    epoch: int | None
-
-
-def is_resume_file(path: Path) -> bool:
-    """cnn.py's resume state (the last epoch of a run in progress), not a model to serve."""
-    return path.name.endswith(f".{RESUME_KIND}")
+    record: ModelRecord
 
 
 class ModelRegistry:
     """The checkpoints of this project (or the original project's) in one folder, by name (the file stem).
 
-    The folder is re-listed on every call so a model trained while the server runs shows up; a file
-    is opened only when it is new or changed. Files that `load_checkpoint` refuses are left
-    out. Clients choose among these names; they never name a path.
+    The folder is re-listed on every call so a model trained while the server runs shows up; a file's
+    record is read only when the file is new or changed. Files that `read_record` refuses are left out,
+    and so are resume files. Clients choose among these names; they never name a path.
     """
 
     def __init__(self, folder: Path, default_name: str | None = None) -> None:
         self.folder = folder
         self.default_name = default_name
+        self._records: FileCache[ModelRecord | None] = FileCache()  # None: not a checkpoint we serve
         self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[tuple[int, int], ModelInfo | None]] = {}
         self._offered: set[str] = set()  # every name a listing has shown, for get() to tell gone from unknown
 
-    def models(self) -> list[ModelInfo]:
+    def models(self) -> list[ServedModel]:
         """The available models, the default one first, then by name."""
+        paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file() and not is_resume_file(p))
+        found = [model for path in paths if (model := self._served(path)) is not None]
         with self._lock:
-            paths = sorted(p for p in self.folder.glob("*.pth") if p.is_file() and not is_resume_file(p))
-            self._seen = {path: self._inspect(path) for path in paths}
-            found = [info for _, info in self._seen.values() if info is not None]
-            self._offered.update(info.name for info in found)
+            self._offered.update(model.name for model in found)
         return sorted(found, key=lambda m: (m.name != self.default_name, m.name != PREFERRED_MODEL, m.name))
 
-    def get(self, name: str | None) -> ModelInfo:
+    def get(self, name: str | None) -> ServedModel:
         """The model called `name` (the default for an empty name), or a 503/404 ServiceError.
 
         The original page posted the checkpoint's file name, so `NAME.pth` also finds NAME; either
@@ -242,7 +249,7 @@ class ModelRegistry:
         if not name:
             return models[0]
         candidates = (name, name.removesuffix(".pth"))
-        by_name = {info.name: info for info in models}
+        by_name = {model.name: model for model in models}
         for candidate in candidates:
             if candidate in by_name:
                 return by_name[candidate]
@@ -253,33 +260,63 @@ class ModelRegistry:
         available = ", ".join(m.name for m in models)
         raise ServiceError(404, f"unknown model {name!r}; available: {available}")
 
-    def _inspect(self, path: Path) -> tuple[tuple[int, int], ModelInfo | None]:
+    def _served(self, path: Path) -> ServedModel | None:
         try:
-            stat = path.stat()
+            record = self._records.get(path, lambda: _read_record_or_none(path))
         except OSError:  # deleted since the folder was listed
-            return (-1, -1), None
-        key = (stat.st_mtime_ns, stat.st_size)
-        cached = self._seen.get(path)
-        if cached is not None and cached[0] == key:
-            return cached
-        try:
-            # Memory-mapped: listing a 913 MB checkpoint reads its metadata, not its optimizer state.
-            checkpoint = load_checkpoint(path, mmap=True)
-        except Galaxy10Error as err:
-            log.warning("ignoring %s: %s", path.name, err)
-            return key, None
-        val_acc = checkpoint.get("final_val_acc")  # a fraction, at the epoch the checkpoint kept
-        info = ModelInfo(
-            name=path.stem,
-            path=path,
-            architecture=str(checkpoint["architecture"]),
-            image_size=int(checkpoint["image_size"]),
-            crop=checkpoint_crop(checkpoint),
-            class_names=tuple(checkpoint["class_names"]),
-            val_acc=None if val_acc is None else float(val_acc),
-            epoch=checkpoint.get("epoch"),
+            return None
+        return None if record is None else ServedModel(path.stem, path, record)
+
+
+def _read_record_or_none(path: Path) -> ModelRecord | None:
+    try:
+        # Memory-mapped: listing a 913 MB checkpoint reads its record, not its weights or optimizer state.
+        return read_record(path)
+    except Galaxy10Error as err:
+        log.warning("ignoring %s: %s", path.name, err)
+        return None
+
+
+class Pages:
+    """The HTML pages: a template rendered with this server's limits and security headers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.templates = Jinja2Templates(
+            env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
+        self.max_upload_text = settings.max_upload_text
+
+    def render(self, request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("max_upload", self.max_upload_text)
+        return self.templates.TemplateResponse(
+            request, template, context, status_code=status_code, headers=PAGE_HEADERS
         )
-        return key, info
+
+
+# What the routes are given, from app.state (set by create_app); tests may swap any of them through
+# app.dependency_overrides.
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_pages(request: Request) -> Pages:
+    return request.app.state.pages
+
+
+def get_inference_slots(request: Request) -> threading.BoundedSemaphore:
+    """One inference at a time per core: more only adds memory (Grad-CAM keeps activations), not speed."""
+    return request.app.state.inference_slots
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+PagesDep = Annotated[Pages, Depends(get_pages)]
+SlotsDep = Annotated[threading.BoundedSemaphore, Depends(get_inference_slots)]
 
 
 # ---------------------------------------------------------------- classifying one upload
@@ -297,7 +334,7 @@ class Upload:
 
 
 @contextmanager
-def answered_as_service_errors(model: ModelInfo | None = None) -> Iterator[None]:
+def answered_as_service_errors(model: ServedModel | None = None) -> Iterator[None]:
     """Turn the inference module's errors into the status code and message the client gets."""
     try:
         yield
@@ -329,7 +366,7 @@ def read_upload(file: UploadFile) -> Upload:
     )
 
 
-def prediction_json(prediction: Prediction, model: ModelInfo) -> dict[str, Any]:
+def prediction_json(prediction: Prediction, model: ServedModel) -> dict[str, Any]:
     """The API's answer: the class, its confidence, every class's probability, the model's name."""
     return {
         "class_id": prediction.class_id,
@@ -348,7 +385,7 @@ def data_url(image: Image.Image) -> str:
 
 
 def result_context(
-    upload: Upload, prediction: Prediction, heatmap: np.ndarray, model: ModelInfo
+    upload: Upload, prediction: Prediction, heatmap: np.ndarray, model: ServedModel
 ) -> dict[str, Any]:
     """What image_result.html shows: the upload, the Grad-CAM overlay and the sorted confidences."""
     preview = to_rgb8(upload.image).copy()  # to_rgb8 may hand back the upload itself
@@ -362,7 +399,7 @@ def result_context(
         "model": model,
         "bars": bars,
         "preview_url": data_url(preview),
-        "cam_url": data_url(overlay_heatmap(preview, heatmap, model.crop)),
+        "cam_url": data_url(overlay_heatmap(preview, heatmap, model.record.crop)),
         "preview_size": preview.size,
     }
 
@@ -387,6 +424,7 @@ class ModelOut(BaseModel):
     class_names: list[str]
     val_acc: float | None
     epoch: int | None
+    trained_on: str
     default: bool
 
 
@@ -408,7 +446,127 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in codes}
 
 
+def describe_model(model: ServedModel, default: bool) -> ModelOut:
+    """What /api/models says of one model: its name and its record."""
+    record = model.record
+    return ModelOut(
+        name=model.name,
+        architecture=record.title,
+        image_size=record.image_size,
+        crop=record.crop,
+        num_classes=record.num_classes,
+        class_names=list(record.class_names),
+        val_acc=record.metrics.val_acc,  # a fraction, at the epoch the checkpoint kept
+        epoch=record.metrics.epoch,
+        trained_on=record.trained_on.describe(),
+        default=default,
+    )
+
+
+# ---------------------------------------------------------------- errors, as a page or as JSON
+
+
+def error_response(request: Request, status_code: int, detail: str) -> Response:
+    if request.url.path.startswith("/api/") or request.url.path == "/healthz":
+        return JSONResponse({"detail": detail}, status_code=status_code)
+    return get_pages(request).render(request, "error.html", status_code, code=status_code, detail=detail)
+
+
+def too_large(scope: Scope) -> Response:
+    """UploadLimitMiddleware's answer (Starlette has put the app in the scope before any middleware)."""
+    request = Request(scope)
+    limit = get_settings(request).max_upload_text
+    detail = f"the upload is larger than the {limit} limit: choose a smaller image"
+    return error_response(request, 413, detail)
+
+
+async def service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(request, exc.status_code, exc.detail)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(request, exc.status_code, str(exc.detail))
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{err['loc'][-1]}: {err['msg']}" for err in exc.errors())
+    return error_response(request, 422, f"the form is incomplete ({problems})")
+
+
+# ---------------------------------------------------------------- the routes
+
+# Every route hands its endpoint an InMemoryUploadRequest. Model work runs in plain `def` routes: FastAPI
+# runs them in its thread pool, off the event loop.
+router = APIRouter(route_class=InMemoryUploadRoute)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def index(request: Request, registry: RegistryDep, pages: PagesDep) -> HTMLResponse:
+    return pages.render(request, "index.html", models=registry.models(), train_hint=TRAIN_HINT)
+
+
+@router.post("/upload-file/", response_class=HTMLResponse, include_in_schema=False)
+def upload_file(
+    request: Request,
+    registry: RegistryDep,
+    pages: PagesDep,
+    inference_slots: SlotsDep,
+    file: Annotated[UploadFile, File()],
+    network: Annotated[str | None, Form()] = None,
+) -> HTMLResponse:
+    model = registry.get(network)
+    upload = read_upload(file)
+    with inference_slots, answered_as_service_errors(model):
+        prediction, heatmap = grad_cam(upload.image, model.path)
+        context = result_context(upload, prediction, heatmap, model)
+    return pages.render(request, "image_result.html", **context)
+
+
+@router.post("/api/predict", response_model=PredictionOut, responses=_errors(400, 404, 413, 415, 422, 503))
+def api_predict(
+    registry: RegistryDep,
+    inference_slots: SlotsDep,
+    file: Annotated[UploadFile, File(description="the galaxy image (PNG, JPEG, ...)")],
+    model: Annotated[str | None, Form(description="a name from /api/models; default: the first")] = None,
+) -> dict[str, Any]:
+    served = registry.get(model)
+    upload = read_upload(file)
+    with inference_slots, answered_as_service_errors(served):
+        prediction = predict(upload.image, served.path)
+    return prediction_json(prediction, served)
+
+
+@router.get("/api/models", response_model=ModelsOut)
+def api_models(registry: RegistryDep) -> ModelsOut:
+    models = registry.models()
+    default = models[0].name if models else None
+    return ModelsOut(default=default, models=[describe_model(m, m.name == default) for m in models])
+
+
+@router.get("/healthz", response_model=HealthOut)
+def healthz(registry: RegistryDep) -> dict[str, Any]:
+    return {"status": "ok", "models": len(registry.models())}
+
+
 # ---------------------------------------------------------------- the application
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Warm the default model (load it into cnn_use_model's cache) before the first request."""
+    registry: ModelRegistry = app.state.registry
+    models = await run_in_threadpool(registry.models)
+    if models:
+        default = models[0]
+        blank = Image.new("RGB", (default.record.image_size, default.record.image_size))
+        await run_in_threadpool(predict, blank, default.path)
+        log.info("serving %d model(s); default %s", len(models), default.name)
+    else:
+        log.warning("no trained model in %s: %s", registry.folder, TRAIN_HINT)
+    yield
 
 
 def create_app(
@@ -417,123 +575,22 @@ def create_app(
     default_model: str | None = None,
 ) -> FastAPI:
     """Build the app: nothing is loaded until it starts (the default model is warmed then)."""
-    folder = Path(models_dir)
-    if not folder.is_dir():
-        raise Galaxy10Error(f"models folder {folder} not found: pass --models-dir with your .pth files")
-    if max_upload_mb <= 0:
-        raise Galaxy10Error(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    max_upload_bytes = int(max_upload_mb * 2**20)
-    registry = ModelRegistry(folder, default_model)
-    templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
-    # One inference at a time per core: more only adds memory (Grad-CAM keeps activations), not speed.
-    inference_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
-    max_upload_text = f"{max_upload_mb:g} MB"
-
-    def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        context.setdefault("max_upload", max_upload_text)
-        return templates.TemplateResponse(
-            request, template, context, status_code=status_code, headers=PAGE_HEADERS
-        )
-
-    def error_response(request: Request, status_code: int, detail: str) -> Response:
-        if request.url.path.startswith("/api/") or request.url.path == "/healthz":
-            return JSONResponse({"detail": detail}, status_code=status_code)
-        return page(request, "error.html", status_code, code=status_code, detail=detail)
-
-    def too_large(scope: Scope) -> Response:
-        detail = f"the upload is larger than the {max_upload_text} limit: choose a smaller image"
-        return error_response(Request(scope), 413, detail)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        models = await run_in_threadpool(registry.models)
-        if models:
-            default = models[0]
-            blank = Image.new("RGB", (default.image_size, default.image_size))
-            await run_in_threadpool(predict, blank, default.path)  # loads it into cnn_use_model's cache
-            log.info("serving %d model(s); default %s", len(models), default.name)
-        else:
-            log.warning("no trained model in %s: %s", folder, TRAIN_HINT)
-        yield
-
+    settings = Settings(Path(models_dir), max_upload_mb, default_model)
     app = FastAPI(
         title="Galaxy10 DECaLS classifier",
         description="Classify a galaxy image into one of the ten Galaxy10 DECaLS morphology classes.",
         lifespan=lifespan,
     )
-    app.state.registry = registry
-    app.state.max_upload_bytes = max_upload_bytes  # InMemoryUploadRequest's spool
-    app.router.route_class = InMemoryUploadRoute  # for the routes below
-    app.add_middleware(UploadLimitMiddleware, max_bytes=max_upload_bytes, too_large=too_large)
+    app.state.settings = settings  # InMemoryUploadRequest's spool, among others
+    app.state.registry = ModelRegistry(settings.models_dir, settings.default_model)
+    app.state.pages = Pages(settings)
+    app.state.inference_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+    app.include_router(router)
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes, too_large=too_large)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> Response:
-        return error_response(request, exc.status_code, exc.detail)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(request, exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(f"{err['loc'][-1]}: {err['msg']}" for err in exc.errors())
-        return error_response(request, 422, f"the form is incomplete ({problems})")
-
-    # Model work below runs in plain `def` routes: FastAPI runs them in its thread pool, off the event loop.
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index(request: Request) -> HTMLResponse:
-        return page(request, "index.html", models=registry.models(), train_hint=TRAIN_HINT)
-
-    @app.post("/upload-file/", response_class=HTMLResponse, include_in_schema=False)
-    def upload_file(
-        request: Request, file: Annotated[UploadFile, File()], network: Annotated[str | None, Form()] = None
-    ) -> HTMLResponse:
-        model = registry.get(network)
-        upload = read_upload(file)
-        with inference_slots, answered_as_service_errors(model):
-            prediction, heatmap = grad_cam(upload.image, model.path)
-            context = result_context(upload, prediction, heatmap, model)
-        return page(request, "image_result.html", **context)
-
-    @app.post("/api/predict", response_model=PredictionOut, responses=_errors(400, 404, 413, 415, 422, 503))
-    def api_predict(
-        file: Annotated[UploadFile, File(description="the galaxy image (PNG, JPEG, ...)")],
-        model: Annotated[str | None, Form(description="a name from /api/models; default: the first")] = None,
-    ) -> dict[str, Any]:
-        info = registry.get(model)
-        upload = read_upload(file)
-        with inference_slots, answered_as_service_errors(info):
-            prediction = predict(upload.image, info.path)
-        return prediction_json(prediction, info)
-
-    @app.get("/api/models", response_model=ModelsOut)
-    def api_models() -> dict[str, Any]:
-        models = registry.models()
-        default = models[0].name if models else None
-        return {
-            "default": default,
-            "models": [
-                {
-                    "name": m.name,
-                    "architecture": m.architecture,
-                    "image_size": m.image_size,
-                    "crop": m.crop,
-                    "num_classes": len(m.class_names),
-                    "class_names": list(m.class_names),
-                    "val_acc": m.val_acc,
-                    "epoch": m.epoch,
-                    "default": m.name == default,
-                }
-                for m in models
-            ],
-        }
-
-    @app.get("/healthz", response_model=HealthOut)
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": len(registry.models())}
-
     return app
 
 
