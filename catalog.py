@@ -38,6 +38,9 @@ class Classified(Protocol):
     class_id: int
     class_name: str
     confidence: float
+    entropy: float
+    margin: float
+    flag: str
     class_names: tuple[str, ...]
     probabilities: tuple[float, ...]
 
@@ -220,13 +223,17 @@ def output_file(out: Path | None, csv: Path | None) -> tuple[Path | None, str]:
 
 
 def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None) -> pa.Schema:
-    """One row per input: the catalog's id (with --id-column), the path, the prediction, every class's
-    probability, and why the input could not be read (null where it could)."""
+    """One row per input: the catalog's id (with --id-column), the path, the prediction, how far to trust it
+    (the normalised entropy, the margin between the two best classes, the flag: ok, uncertain or
+    unlike-training), every class's probability, and why the input could not be read (null where it could)."""
     fields = [
         pa.field("path", pa.string()),
         pa.field("class_id", pa.int64()),
         pa.field("class_name", pa.string()),
         pa.field("confidence", pa.float64()),
+        pa.field("entropy", pa.float64()),
+        pa.field("margin", pa.float64()),
+        pa.field("flag", pa.string()),
         *(pa.field(name, pa.float64()) for name in class_names),
         pa.field("error", pa.string()),
     ]
@@ -245,7 +252,8 @@ def output_record(row: Row, result: Result, id_column: str | None) -> dict[str, 
     if isinstance(result, Exception):
         record["error"] = str(result)
     else:
-        record.update(class_id=result.class_id, class_name=result.class_name, confidence=result.confidence)
+        record.update(class_id=result.class_id, class_name=result.class_name, confidence=result.confidence,
+                      entropy=result.entropy, margin=result.margin, flag=result.flag)
         record.update(zip(result.class_names, result.probabilities, strict=True))
     return record
 

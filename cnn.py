@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import trust
 from config import Config, given_flags, parse_config, resolve_precision, resumed_config
 from data import (
     FolderScan,
@@ -55,15 +56,17 @@ from models import (  # CNNModel and load_checkpoint: public names of cnn since 
     CNNModel,  # noqa: F401
     ModelRecord,
     load_checkpoint,  # noqa: F401
+    output_path,
     read_checkpoint,
     read_record,
     resume_path,
 )
-from reports import write_curves, write_report
+from reports import expected_calibration_error, write_curves, write_report
 from training import (
     eval_batch_size,
     make_run,
     new_record,
+    predict_features,
     predict_logits,
     predict_tta,
     restore,
@@ -73,11 +76,11 @@ from training import (
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    if config.evaluate:
+    if config.evaluate or config.calibrate:
+        flag = "--evaluate" if config.evaluate else "--calibrate"
         if launched_by_torchrun():
-            raise Galaxy10Error("--evaluate runs in one process: use `python cnn.py --evaluate`, not "
-                                "torchrun")
-        evaluate_checkpoint(config)
+            raise Galaxy10Error(f"{flag} runs in one process: use `python cnn.py {flag}`, not torchrun")
+        evaluate_checkpoint(config) if config.evaluate else calibrate_checkpoint(config)
         return
     if config.sync_bn and launched_by_torchrun() and select_device(config.device).type != "cuda":
         raise Galaxy10Error("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it "
@@ -128,9 +131,13 @@ def fit(config: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     best = finish_checkpoint(run.config.model_path, run.history, run.epoch)
     run.model.load_state_dict(best.weights)
+    best.record, calibration = fitted_trust(best.record, run.model, train, val, run.eval_batch_size)
+    best.save(config.model_path)
+    resume_path(config.model_path).unlink(missing_ok=True)
     context = {"epoch": best.record.metrics.epoch, "val_dir": config.val_dir, "recipe": config.recipe,
                "train_seconds": seconds,
-               "train_images_per_s": len(train) * (run.epoch - first_epoch) / seconds}
+               "train_images_per_s": len(train) * (run.epoch - first_epoch) / seconds,
+               "calibration": calibration}
     report = write_evaluation(run.model, val, best.record, config.model_path, run.eval_batch_size, context,
                               config.bf16)
     return from_main_process(report)
@@ -152,23 +159,67 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
                             context, bf16)
 
 
+def calibrate_checkpoint(config: Config) -> dict[str, Any]:
+    """--calibrate: fit the temperature and the outlier statistics of an existing checkpoint (the original's
+    included) on config.val_dir, and write them with its weights to <stem>.calibrated.pth, never over it."""
+    device = select_device(config.device)
+    checkpoint = read_checkpoint(config.model_path)
+    record = checkpoint.record
+    scan = scan_image_folder(config.val_dir)
+    record.check_classes(class_names_for(scan.classes), config.val_dir, config.model_path)
+    model = checkpoint.model().to(device, memory_format=torch.channels_last)
+    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
+    batch_size = eval_batch_size(config.batch_size, device)
+    checkpoint.record, calibration = fitted_trust(record, model, None, val, batch_size)
+    calibrated = output_path(config.model_path, "calibrated.pth")
+    checkpoint.save(calibrated)
+    context = {"epoch": record.metrics.epoch, "val_dir": config.val_dir, "recipe": record.recipe,
+               "calibration": calibration}
+    bf16 = resolve_precision(config.precision, device, record.arch) == "bf16"
+    print(f"wrote {calibrated}")
+    return write_evaluation(model, val, checkpoint.record, str(calibrated), batch_size, context, bf16)
+
+
+def fitted_trust(record: ModelRecord, model: nn.Module, train: ImageCache | None, val: ImageCache,
+                 batch_size: int) -> tuple[ModelRecord, dict[str, Any]]:
+    """The record with a temperature fitted on val and the statistics that flag images unlike the training
+    images (train's features, or val's where there is no train), thresholded on val (trust.py); and what
+    calibration did: the val set's ECE and negative log-likelihood before and after."""
+    val_features, val_logits = predict_features(model, val, batch_size)
+    labels = val.labels.cpu()
+    temperature = trust.fit_temperature(val_logits, labels)
+    train_features, train_labels = ((predict_features(model, train, batch_size)[0], train.labels.cpu())
+                                    if train is not None else (val_features, labels))
+    outliers = trust.fit_outliers(train_features, train_labels, val_features)
+    ece = [expected_calibration_error(labels.numpy(), (val_logits / t).softmax(1).double().numpy())
+           for t in (1.0, temperature)]
+    calibration = {"temperature": temperature, "ece_before": ece[0], "ece_after": ece[1],
+                   "nll_before": trust.nll(val_logits, labels),
+                   "nll_after": trust.nll(val_logits, labels, temperature),
+                   "outlier_threshold": outliers.threshold,
+                   "val_flagged_unlike_training": float(outliers.unlike(val_features).float().mean())}
+    print(f"calibration on {len(labels)} val images: temperature {temperature:.3f}, ECE {ece[0]:.3f} -> "
+          f"{ece[1]:.3f}, NLL {calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}; "
+          f"{calibration['val_flagged_unlike_training']:.1%} of them flagged unlike-training")
+    return dataclasses.replace(record, temperature=temperature, outliers=outliers), calibration
+
+
 def write_evaluation(model: nn.Module, val: ImageCache, record: ModelRecord, model_path: str, batch_size: int,
                      context: dict[str, Any], bf16: bool) -> dict[str, Any]:
-    """The model's report on the val cache, with and without test-time augmentation, beside model_path."""
+    """The model's report on the val cache, with the record's calibration, with and without test-time
+    augmentation, beside model_path."""
     truth = val.labels.cpu().numpy()
-    probs = predict_logits(model, val, batch_size, bf16).softmax(1).cpu().numpy()
-    tta = predict_tta(model, val, batch_size, bf16).cpu().numpy()
+    probs = (predict_logits(model, val, batch_size, bf16) / record.temperature).softmax(1).cpu().numpy()
+    tta = predict_tta(model, val, batch_size, bf16, record.temperature).cpu().numpy()
     return write_report(truth, probs, tta, record.class_names, model_path, context)
 
 
 def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: int) -> Checkpoint:
-    """Give the best checkpoint the whole history and the epoch count, and drop the resume file."""
+    """The best checkpoint with the whole history and the epoch count."""
     best = read_checkpoint(model_path)
     assert best.training is not None  # cnn.py's model checkpoints keep the optimiser and history
     best.training.history = history
     best.record = best.record.with_metrics(epochs_trained=epochs)
-    best.save(model_path)
-    resume_path(model_path).unlink(missing_ok=True)
     return best
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+import trust
 from catalog import (
     BARRIER_TIMEOUT,
     CATALOG_SUFFIXES,
@@ -96,10 +97,11 @@ class _Cast(nn.Module):
 
 def _low_precision_copy(body: nn.Module, head: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
     """The network computing in `dtype` up to the head's first Linear (DeepCNN-5Block's 32768x2048 at 256 px:
-    89% of its weights, which a batch-1 pass must read in full; a torchvision network's only one), then
-    float32 for the small layers and the softmax."""
+    89% of its weights, which a batch-1 pass must read in full), then float32 for the small layers. The
+    output layer is always float32, so the penultimate features (its input) are float32 too."""
     layers = list(head)
     first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) + 1
+    first_linear = min(first_linear, len(layers) - 1)  # a torchvision network's only Linear is its output
     low = copy.deepcopy(nn.Sequential(body, *layers[:first_linear])).to(dtype)
     return nn.Sequential(_Cast(dtype, channels_last=True), *low, _Cast(torch.float32), *layers[first_linear:])
 
@@ -133,19 +135,30 @@ class InferenceModel:
             raise ImageError(f"cannot convert a {image.mode} image to RGB ({err})") from None
 
     def probabilities(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False) -> torch.Tensor:
-        """Class probabilities (B, C) for a uint8 batch (B, 3, S, S); with `tta`, averaged over the 8
-        flips and quarter turns (one forward pass of 8B images); with `exact`, float32 throughout."""
+        """Calibrated class probabilities (B, C) for a uint8 batch (B, 3, S, S); see `classify`."""
+        return self.classify(images, tta=tta, exact=exact)[0]
+
+    def classify(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated class probabilities (B, C) for a uint8 batch (B, 3, S, S), softmax(logits / T) with the
+        record's temperature, and which images lie unlike the training set (None where the record has no
+        statistics for it). With `tta`, the probabilities are averaged over the 8 flips and quarter turns
+        (one forward pass of 8B images); with `exact`, float32 throughout. The distance to the training set
+        is read from the penultimate features the pass computes anyway."""
         x = to_model_input(images.to(self.device))
         views = dihedral_views(x) if tta else x
+        network = self.fp32 if exact else self.bf16
         with torch.inference_mode():
-            if exact or self.bf16 is self.fp32:
-                logits = self.fp32(views)
-            else:
-                logits = self._settle_near_ties(views, self.bf16(views))
-            probs = logits.softmax(dim=1)
+            features = network[:-1](views)
+            logits = network[-1](features)
+            if network is not self.fp32:
+                logits = self._settle_near_ties(views, logits)
+            probs = (logits / self.record.temperature).softmax(dim=1)
+            outliers = self.record.outliers
+            unlike = None if outliers is None else outliers.unlike(features[: len(images)]).cpu()
         if tta:
             probs = probs.view(8, len(images), -1).mean(dim=0)
-        return probs.cpu()
+        return probs.cpu(), unlike
 
     def _settle_near_ties(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute in float32 the images whose top two bfloat16 logits are too close to call."""
@@ -156,9 +169,11 @@ class InferenceModel:
             logits[doubtful] = self.fp32(x[doubtful])
         return logits
 
-    def grad_cam(self, image: torch.Tensor, class_id: int | None) -> tuple[torch.Tensor, np.ndarray]:
-        """Class probabilities (C,) of one uint8 image (3, S, S) and its Grad-CAM (S, S) in [0, 1] for
-        `class_id` (None: the predicted class), both from one float32 forward pass.
+    def grad_cam(self, image: torch.Tensor, class_id: int | None
+                 ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """Calibrated class probabilities (C,) of one uint8 image (3, S, S), its Grad-CAM (S, S) in [0, 1] for
+        `class_id` (None: the predicted class), and whether it lies unlike the training set (as `classify`),
+        all from one float32 forward pass.
 
         The last convolutional stage's activation (DeepCNN-5Block's before its max-pool) is detached and made
         the leaf that autograd differentiates to, so no hook touches the shared model and threads do not
@@ -169,7 +184,8 @@ class InferenceModel:
             activation = self.body(x)
         activation.requires_grad_(True)
         with torch.enable_grad():
-            logits = self.head(activation)
+            features = self.head[:-1](activation)
+            logits = self.head[-1](features)
             target = int(logits[0].argmax()) if class_id is None else class_id
             (gradient,) = torch.autograd.grad(logits[0, target], activation)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
@@ -178,7 +194,10 @@ class InferenceModel:
         cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
         peak = cam.max()
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-        return logits.detach()[0].softmax(dim=0).cpu(), cam.clamp_(0, 1).float().cpu().numpy()
+        probs = (logits.detach()[0] / self.record.temperature).softmax(dim=0).cpu()
+        outliers = self.record.outliers
+        unlike = None if outliers is None else outliers.unlike(features.detach()).cpu()
+        return probs, cam.clamp_(0, 1).float().cpu().numpy(), unlike
 
 
 _models: FileCache[InferenceModel] = FileCache()
@@ -205,7 +224,9 @@ def load_model(model_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str =
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's classification: the best class, every class's probability, and the k best."""
+    """One image's classification: the best class, every class's (calibrated) probability, the k best, and
+    how far to trust it: the normalised entropy (0 certain, 1 uniform), the margin between the two best
+    classes, and the flag (ok, uncertain, unlike-training; trust.py)."""
 
     class_id: int
     class_name: str
@@ -214,9 +235,14 @@ class Prediction:
     class_names: tuple[str, ...]
     model: str  # the checkpoint's file name
     top_k: tuple[tuple[int, str, float], ...]  # (class_id, class_name, probability), most probable first
+    entropy: float = 0.0
+    margin: float = 0.0
+    flag: str = trust.OK
 
     @classmethod
-    def from_probabilities(cls, probs: torch.Tensor, model: InferenceModel, top_k: int | None) -> Prediction:
+    def from_probabilities(cls, probs: torch.Tensor, model: InferenceModel, top_k: int | None,
+                           unlike: bool | None = None, min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
+                           ) -> Prediction:
         values = tuple(float(p) for p in probs.double())
         order = sorted(range(len(values)), key=lambda i: -values[i])[: _top_k_count(top_k, len(values))]
         best = order[0]
@@ -228,6 +254,9 @@ class Prediction:
             class_names=model.class_names,
             model=model.name,
             top_k=tuple((i, model.class_names[i], values[i]) for i in order),
+            entropy=float(trust.entropy(probs.double())),
+            margin=float(trust.margin(probs.double())),
+            flag=trust.flag(values[best], unlike, min_confidence),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +265,9 @@ class Prediction:
             "class_id": self.class_id,
             "class_name": self.class_name,
             "confidence": self.confidence,
+            "entropy": self.entropy,
+            "margin": self.margin,
+            "flag": self.flag,
             "probabilities": list(self.probabilities),
             "class_names": list(self.class_names),
             "model": self.model,
@@ -258,13 +290,14 @@ def predict(
     top_k: int | None = None,
     tta: bool = False,
     exact: bool = False,
+    min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
 ) -> Prediction:
     """Classify one image. `tta` averages over the 8 flips and quarter turns; `exact` computes in
-    float32 only (about half as fast where the CPU has native bfloat16)."""
+    float32 only (about half as fast where the CPU has native bfloat16); a confidence under
+    `min_confidence` flags the answer uncertain."""
     model = load_model(model_path)
     image = model.preprocess(open_image(source))
-    probs = model.probabilities(image[None], tta=tta, exact=exact)[0]
-    return Prediction.from_probabilities(probs, model, top_k)
+    return _predictions(model, image[None], top_k, tta, exact, min_confidence)[0]
 
 
 def iter_predictions(
@@ -276,6 +309,7 @@ def iter_predictions(
     top_k: int | None = None,
     exact: bool = False,
     device: str = "auto",
+    min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
 ) -> Iterator[Prediction | ImageError]:
     """Predictions in the order of `sources`, read lazily in batches; an unreadable source yields its
     ImageError instead, so one bad file never stops the rest."""
@@ -285,12 +319,18 @@ def iter_predictions(
     with ThreadPoolExecutor(max_workers=2) as pool:
         for decoded in _decoded_batches(sources, model, batch_size, pool):
             images = [item for item in decoded if isinstance(item, torch.Tensor)]
-            probs = iter(model.probabilities(torch.stack(images), tta=tta, exact=exact) if images else ())
+            answers = iter(_predictions(model, torch.stack(images), top_k, tta, exact, min_confidence)
+                           if images else [])
             for item in decoded:
-                if isinstance(item, ImageError):
-                    yield item
-                else:
-                    yield Prediction.from_probabilities(next(probs), model, top_k)
+                yield item if isinstance(item, ImageError) else next(answers)
+
+
+def _predictions(model: InferenceModel, images: torch.Tensor, top_k: int | None, tta: bool, exact: bool,
+                 min_confidence: float) -> list[Prediction]:
+    """The Prediction of each image of a uint8 batch."""
+    probs, unlike = model.classify(images, tta=tta, exact=exact)
+    return [Prediction.from_probabilities(p, model, top_k, None if unlike is None else bool(unlike[i]),
+                                          min_confidence) for i, p in enumerate(probs)]
 
 
 def predict_batch(
@@ -340,8 +380,9 @@ def grad_cam(
     image = model.preprocess(open_image(source))
     if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
-    probabilities, heatmap = model.grad_cam(image, class_id)
-    return Prediction.from_probabilities(probabilities, model, None), heatmap
+    probabilities, heatmap, unlike = model.grad_cam(image, class_id)
+    outlier = None if unlike is None else bool(unlike[0])
+    return Prediction.from_probabilities(probabilities, model, None, outlier), heatmap
 
 
 def overlay_heatmap(
@@ -465,6 +506,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "id_column": args.id_column,
         "tta": args.tta,
         "exact": args.exact,
+        "min_confidence": args.min_confidence,
     }
 
 
@@ -488,7 +530,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, metavar="FILE",
         help="write a row per input to FILE.parquet or FILE.csv: catalog id, path, class id and name, "
-             "confidence, the ten probabilities, error (default: none; a catalog needs one)",
+             "confidence, entropy, margin, flag, every class's probability, error (default: none; a catalog "
+             "needs one)",
     )
     parser.add_argument(
         "--csv", type=Path, metavar="FILE",
@@ -522,6 +565,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size", type=_positive, default=16, help="images per forward pass (default: 16)"
     )
     parser.add_argument(
+        "--min-confidence", type=_fraction, default=trust.DEFAULT_MIN_CONFIDENCE,
+        help="flag an answer `uncertain` when its calibrated confidence is under this "
+             f"(default: {trust.DEFAULT_MIN_CONFIDENCE:g})",
+    )
+    parser.add_argument(
         "--exact", action="store_true",
         help="float32 throughout: probabilities equal the plain model's, about 2x slower where the "
              "CPU has native bfloat16 (default: off)",
@@ -532,6 +580,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
              "(default: auto)",
     )
     return parser.parse_args(argv)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -605,7 +660,7 @@ class RowClassifier:
         args = self.args
         predictions = iter_predictions(
             (row.source for row in to_model), args.model, tta=args.tta, batch_size=args.batch_size,
-            top_k=args.top_k, exact=args.exact, device=args.device,
+            top_k=args.top_k, exact=args.exact, device=args.device, min_confidence=args.min_confidence,
         )
         if self.table:
             tqdm.write(self.table.header())
@@ -628,19 +683,22 @@ class RowClassifier:
 
 
 class ResultTable:
-    """Fixed-width lines: path, predicted class, confidence, the k best classes."""
+    """Fixed-width lines: path, predicted class, confidence, entropy, margin, flag, the k best classes."""
 
     def __init__(self, names: Iterable[str], class_names: Sequence[str]) -> None:
         self.path_width = min(max(len(n) for n in names), 60)
         self.class_width = max(len(c) for c in class_names)
+        self.flag_width = max(len(f) for f in trust.FLAGS)
 
     def header(self) -> str:
-        return f"{'path':<{self.path_width}}  {'class':<{self.class_width}}  {'conf':>6}  top-k"
+        return (f"{'path':<{self.path_width}}  {'class':<{self.class_width}}  {'conf':>6}  {'entropy':>7}  "
+                f"{'margin':>6}  {'flag':<{self.flag_width}}  top-k")
 
     def row(self, name: str, prediction: Prediction) -> str:
         best = ", ".join(f"{class_name} {p:.1%}" for _, class_name, p in prediction.top_k)
         return (f"{name:<{self.path_width}}  {prediction.class_name:<{self.class_width}}  "
-                f"{prediction.confidence:>6.1%}  {best}")
+                f"{prediction.confidence:>6.1%}  {prediction.entropy:>7.3f}  {prediction.margin:>6.3f}  "
+                f"{prediction.flag:<{self.flag_width}}  {best}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,8 @@ class Config:
                               "project's) with a fresh optimiser")
     compile: bool = flag(False, "torch.compile the model (slow to start, faster steps)")
     evaluate: bool = flag(False, "only write the evaluation report of --model-path on --val-dir")
+    calibrate: bool = flag(False, "fit the temperature and the unlike-training statistics of --model-path on "
+                                  "--val-dir and write them with its weights to <model stem>.calibrated.pth")
 
     @property
     def recipe_spec(self) -> Recipe:

@@ -41,6 +41,7 @@ from networks import (  # noqa: F401  (CNNModel, ARCHITECTURES: the names the RE
     build_model,
     by_title,
 )
+from trust import Outliers
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 # How an image becomes model input, as every checkpoint records it beside the crop (and a torchvision
@@ -198,6 +199,9 @@ class ModelRecord:
     trained_on: TrainingData = TrainingData()
     metrics: Metrics = Metrics()
     settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    temperature: float = 1.0  # calibrates the probabilities: softmax(logits / temperature)
+    # What flags an image unlike the training set (trust.py); None: none is flagged.
+    outliers: Outliers | None = field(default=None, compare=False)
 
     @property
     def architecture(self) -> Architecture:
@@ -263,6 +267,10 @@ class ModelRecord:
             "final_val_loss": self.metrics.val_loss,
             "final_val_acc": self.metrics.val_acc,
             "epochs_trained": self.metrics.epochs_trained,
+            "temperature": self.temperature,
+            "outliers": None if self.outliers is None else {
+                "means": self.outliers.means, "precision": self.outliers.precision,
+                "threshold": self.outliers.threshold},
         }
 
     @classmethod
@@ -288,6 +296,8 @@ class ModelRecord:
                 epochs_trained=checkpoint.get("epochs_trained"),
             ),
             settings=settings,
+            temperature=float(checkpoint.get("temperature", 1.0)),
+            outliers=None if checkpoint.get("outliers") is None else Outliers(**checkpoint["outliers"]),
         )
 
 

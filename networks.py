@@ -181,6 +181,13 @@ def split_at_last_conv(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
     return body, nn.Sequential(children["avgpool"], *flatten, *classifier)
 
 
+def penultimate(model: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
+    """The network as (features, output layer): the first maps images to the penultimate features, the input
+    of the last Linear layer, which trust.py measures distances in. output(features(x)) is model(x)."""
+    body, head = split_at_last_conv(model)
+    return nn.Sequential(body, *head[:-1]), head[-1]
+
+
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An eval-mode copy with every BatchNorm folded into the convolution before it (torch.fx traces the
     network and fuses each Conv2d -> BatchNorm2d pair): exact up to float rounding, one pass less."""

@@ -46,7 +46,7 @@ from models import (
     resume_path,
     to_model_input,
 )
-from networks import load_pretrained
+from networks import load_pretrained, penultimate
 from reports import write_history
 
 LABEL_SMOOTHING = 0.1
@@ -142,17 +142,33 @@ def predict_logits(model: nn.Module, cache: ImageCache, batch_size: int, bf16: b
 
 
 @torch.inference_mode()
-def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False) -> torch.Tensor:
-    """Class probabilities for every cached image, averaged over its 8 flips and quarter turns; each forward
-    pass takes about batch_size images, as predict_logits's do."""
+def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities softmax(logits / temperature) for every cached image, averaged over its 8 flips
+    and quarter turns; each forward pass takes about batch_size images, as predict_logits's do."""
     model.eval()
     outputs = []
     for images, _ in iterate_batches(cache, max(1, batch_size // 8)):
         with mixed_precision(cache.device, bf16):
             views = dihedral_views(to_model_input(images)).contiguous(memory_format=torch.channels_last)
-            probs = model(views).float().softmax(1)
+            probs = (model(views).float() / temperature).softmax(1)
         outputs.append(probs.view(8, len(images), -1).mean(0))
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def predict_features(
+    model: nn.Module, cache: ImageCache, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 penultimate features and logits for every cached image, in cache order (no augmentation)."""
+    model.eval()
+    features, output = penultimate(model)
+    rows, logits = [], []
+    for images, _ in iterate_batches(cache, batch_size):
+        row = features(to_model_input(images).contiguous(memory_format=torch.channels_last)).float()
+        rows.append(row)
+        logits.append(output(row))
+    return torch.cat(rows).cpu(), torch.cat(logits).cpu()
 
 
 def evaluate(

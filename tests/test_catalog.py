@@ -64,7 +64,9 @@ def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Pat
     assert run_cli(cum.cli_main, args) == 1  # relative paths resolve from the catalog's folder, not the cwd
     assert "missing.png not found" in capsys.readouterr().err
     rows = read_output(out)
-    assert list(rows[0]) == ["objid", "path", "class_id", "class_name", "confidence", *CLASS_NAMES, "error"]
+    trust_columns = ["entropy", "margin", "flag"]
+    assert list(rows[0]) == ["objid", "path", "class_id", "class_name", "confidence", *trust_columns,
+                             *CLASS_NAMES, "error"]
     assert [r["path"] or "" for r in rows] == paths  # a CSV reads the empty path back as null
     assert [str(r["objid"]) for r in rows] == [str(i) for i in ids]
     if out.suffix == ".parquet":
@@ -79,6 +81,8 @@ def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Pat
         assert (row["class_id"], row["class_name"]) == (expected.class_id, expected.class_name)
         assert [row["confidence"], *(row[name] for name in CLASS_NAMES)] == [expected.confidence,
                                                                              *expected.probabilities]
+        trust_values = (expected.entropy, expected.margin, expected.flag)
+        assert (row["entropy"], row["margin"], row["flag"]) == trust_values
 
 
 def shard_paths(out: Path, shard: catalog.Shard) -> list[str]:

@@ -161,6 +161,17 @@ def test_optimised_model_matches_the_plain_model(ckpt64: Path, exact: bool) -> N
 
 
 @pytest.mark.usefixtures("native_bf16")
+class FixedOutput(torch.nn.Module):
+    """An output layer that gives these logits whatever its input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.clone()
+
+
 def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     ckpt64: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,7 +181,7 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     # (near ties, decided in float32); rows 1 and 3: 50% apart (kept).
     logits = torch.tensor([[5.0, 4.9, -5.0], [5.0, 0.0, -5.0], [-5.0, 4.9, 5.0], [0.0, 5.0, -5.0]])
     logits = torch.nn.functional.pad(logits, (0, 7), value=-5.0)
-    monkeypatch.setattr(model, "bf16", lambda x: logits.clone())
+    monkeypatch.setattr(model, "bf16", torch.nn.Sequential(torch.nn.Flatten(), FixedOutput(logits)))
     probs = model.probabilities(images)
     with torch.inference_mode():
         fp32 = model.fp32(cum.to_model_input(images)).softmax(1)
@@ -391,7 +402,9 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
     assert "broken.png" in captured.err and "a.png" in captured.out and "b.JPG" in captured.out
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "class_id", "class_name", "confidence", *CLASS_NAMES, "error"]
+    trust_columns = ["entropy", "margin", "flag"]
+    columns = ["path", "class_id", "class_name", "confidence", *trust_columns, *CLASS_NAMES, "error"]
+    assert list(rows[0]) == columns
     assert [Path(r["path"]).name for r in rows] == ["a.png", "broken.png", "b.JPG"]
     broken = rows.pop(1)
     assert "not a readable image" in broken["error"] and broken["class_id"] == broken["confidence"] == ""
@@ -400,6 +413,10 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert row["class_name"] == CLASS_NAMES[int(row["class_id"])]
         assert float(row["confidence"]) == max(probs) and row["error"] == ""
+        assert 0 <= float(row["entropy"]) <= 1 and float(row["margin"]) == pytest.approx(
+            sorted(probs)[-1] - sorted(probs)[-2], abs=1e-9)
+        # This checkpoint has no outlier statistics: a confident answer is ok, a doubtful one uncertain.
+        assert row["flag"] == ("ok" if float(row["confidence"]) >= 0.5 else "uncertain")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv"]  # no temporary files
 
 

@@ -20,10 +20,10 @@ from galaxy10 import CLASS_NAMES, Galaxy10Error
 SCRIPTS = {"load_data", "preprocess_and_balancing", "sample_data", "cnn", "cnn_use_model", "main"}
 TRAINING = {"cnn", "config", "data", "augment", "training"}  # the training script and its modules
 # Keys of a checkpoint file: only models.py reads them.
+# (Those that other dictionaries share, such as a report's class_names, are left out.)
 CHECKPOINT_KEYS = {"model_state_dict", "optimizer_state_dict", "train_history", "architecture", "image_size",
-                   "class_names", "num_classes", "preprocessing", "config", "final_val_acc", "final_val_loss",
-                   "best_epoch", "epochs_trained", "recipe", "weights", "precision", "trained_on",
-                   "scheduler_state_dict", "early_stopping", "rng", "rng_per_process"}
+                   "num_classes", "preprocessing", "final_val_acc", "final_val_loss", "epochs_trained",
+                   "trained_on", "scheduler_state_dict", "rng_per_process", "temperature", "outliers"}
 
 
 # ---------------------------------------------------------------- the networks
