@@ -35,6 +35,7 @@ from PIL import Image
 from starlette.responses import PlainTextResponse
 
 import main
+import models
 from cnn_use_model import grad_cam, predict
 from galaxy10 import CLASS_NAMES, run_cli
 from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
@@ -295,6 +296,202 @@ def test_the_original_projects_checkpoint_is_served_by_name(tmp_path: Path, gala
     assert answers[1]["model"] == "model"
     # Two models loaded apart, run on whichever pool threads served them: equal, not bit for bit.
     assert answers[1]["probabilities"] == pytest.approx(answers[0]["probabilities"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- models that look at the image
+
+# The tests above use models whose answer hardly depends on the image. These answer by colour, by weights
+# set by hand: whatever the server does wrong to an image (crop, channel order, scaling, another request's
+# image) changes the class, not just a probability in the sixth decimal.
+DARK, RED, GREEN, BLUE = 0, 1, 2, 3  # class ids; the other six are never the answer
+COLOUR_SCALE = 20.0  # logit units per full-brightness colour: confident answers, far from any tie
+CROPPED = "cropped_deepcnn"  # DeepCNN-5Block, 32 px, trained with --crop 0.5
+TORCHVISION = "resnet"  # resnet18, 32 px, the whole frame
+
+
+def colour_network(arch: str, size: int) -> torch.nn.Module:
+    """A network whose penultimate features are the red, green and blue it sees, and whose logits are: red
+    for red, green (x1.1) for green, blue (x1.2) for blue, so blue beats green beats red where several show,
+    and dark (a constant half) where nothing is bright. Every convolution passes channels 0-2 through (its
+    centre tap), the rest is zero, BatchNorm is the identity: DeepCNN-5Block's max-pools keep the brightest
+    of each colour in the model's view; resnet18's residual paths keep a sparse sample of the (ImageNet-
+    normalised) pixels, so it is shown plain colours."""
+    network = models.build_model(arch, len(CLASS_NAMES), size)
+    torchvision = models.architecture(arch).torchvision
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_parameters()  # weight 1, bias 0, running mean 0, running variance 1
+        if torchvision:
+            passing = [network.net.conv1] + [m[0] for n, m in network.net.named_modules()
+                                             if n.endswith("downsample")]
+        else:
+            passing = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in passing:
+            k, j = (side // 2 for side in conv.kernel_size)
+            for c in range(3):
+                conv.weight[c, c, k, j] = 1
+        linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+        for hidden in linears[:-1]:
+            for c in range(3):
+                hidden.weight[c, c] = 1
+        # What a full-brightness channel is by the time it reaches the features.
+        full = [(1 - m) / s for m, s in zip(models.IMAGENET_MEAN, models.IMAGENET_STD, strict=True)] \
+            if torchvision else [1.0, 1.0, 1.0]
+        out = linears[-1]
+        for class_id, channel, weight in ((RED, 0, 1.0), (GREEN, 1, 1.1), (BLUE, 2, 1.2)):
+            out.weight[class_id, channel] = COLOUR_SCALE * weight / full[channel]
+        out.bias[DARK] = COLOUR_SCALE / 2
+        out.bias[BLUE + 1:] = -COLOUR_SCALE
+    return network.eval()
+
+
+def colour_checkpoint(path: Path, arch: str = models.DEFAULT_ARCH, size: int = 32, crop: float = 1.0) -> Path:
+    """A colour_network saved as cnn.py saves a model trained with --arch `arch` --image-size `size`
+    --crop `crop`."""
+    record = models.ModelRecord(arch, CLASS_NAMES, models.Preprocessing.for_network(arch, size, crop),
+                                metrics=models.Metrics(epoch=3, val_loss=0.5, val_acc=0.9))
+    state = colour_network(arch, size).state_dict()
+    models.Checkpoint(record, state, models.TrainingState({}, {})).save(path)
+    return path
+
+
+def reference_class(path: Path, image: Image.Image, preprocessing: models.Preprocessing | None = None,
+                    to_input: Callable[[torch.Tensor], torch.Tensor] = models.to_model_input) -> int:
+    """The class the checkpoint's float32 network gives the image, prepared as its record says, or by
+    `preprocessing` and `to_input` where a test plays a server that gets them wrong."""
+    checkpoint = models.read_checkpoint(path)
+    prepare = preprocessing or checkpoint.record.preprocessing
+    with torch.no_grad():
+        return int(checkpoint.model()(to_input(prepare(image)[None])).argmax())
+
+
+def flat(rgb: tuple[int, int, int], side: int = 64) -> Image.Image:
+    return Image.new("RGB", (side, side), rgb)
+
+
+def framed(centre: tuple[int, int, int], border: tuple[int, int, int]) -> Image.Image:
+    """A 64 px image whose central 40 px square is one colour, the border another: a model that crops the
+    central half (32 px) sees only the centre, one shown the whole frame sees both."""
+    image = flat(border)
+    image.paste(centre, (12, 12, 52, 52))
+    return image
+
+
+PURE_RED, PURE_GREEN, PURE_BLUE, DIM_GREY = (230, 20, 20), (20, 230, 20), (20, 20, 230), (50, 50, 50)
+# name: (image, its class as the model was trained (the central half), its class from the whole frame)
+FRAMED = {
+    "red in blue": (framed(PURE_RED, PURE_BLUE), RED, BLUE),
+    "green in blue": (framed(PURE_GREEN, PURE_BLUE), GREEN, BLUE),
+    "dim grey in red": (framed(DIM_GREY, PURE_RED), DARK, RED),
+    "blue in red": (framed(PURE_BLUE, PURE_RED), BLUE, BLUE),
+}
+
+
+@pytest.fixture(scope="module")
+def colour_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("colour_models")
+    colour_checkpoint(folder / f"{CROPPED}.pth", crop=0.5)
+    colour_checkpoint(folder / f"{TORCHVISION}.pth", arch="resnet18")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def colour_client(colour_models: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(colour_models, default_model=CROPPED)) as test_client:
+        yield test_client
+
+
+def served_class(client: TestClient, image: Image.Image, model: str, route: str = "/api/predict") -> str:
+    """The class name the server gives the image, from the JSON API or the result page."""
+    if route == "/api/predict":
+        response = client.post(route, files={"file": ("g.png", png_bytes(image))}, data={"model": model})
+        assert response.status_code == 200, response.text
+        return response.json()["class_name"]
+    response = client.post(route, files={"file": ("g.png", png_bytes(image))}, data={"network": model})
+    assert response.status_code == 200, response.text
+    verdict = re.search(r'<p id="verdict-class" class="verdict-class">([^<]+)</p>', response.text)
+    assert verdict is not None and meter_bars(response.text)[0][0] == verdict[1]
+    return verdict[1]
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+@pytest.mark.parametrize("case", list(FRAMED))
+def test_the_answer_is_what_the_model_sees_through_its_crop(
+    colour_client: TestClient, colour_models: Path, case: str, route: str
+) -> None:
+    image, trained, whole_frame = FRAMED[case]
+    path = colour_models / f"{CROPPED}.pth"
+    assert reference_class(path, image) == trained
+    # Serving the whole frame to a model trained on the central half would answer this:
+    assert reference_class(path, image, models.Preprocessing(32, crop=1.0)) == whole_frame
+    assert served_class(colour_client, image, CROPPED, route) == CLASS_NAMES[trained]
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
+def test_the_answer_follows_the_models_channel_order_and_scaling(
+    colour_client: TestClient, colour_models: Path, route: str
+) -> None:
+    path = colour_models / f"{CROPPED}.pth"
+    red, dim = flat(PURE_RED), flat(DIM_GREY)
+    assert reference_class(path, red) == RED and reference_class(path, dim) == DARK
+    # A server that fed BGR, or left the pixels in 0-255, would answer these:
+    bgr = lambda x: models.to_model_input(x.flip(1))  # noqa: E731
+    assert reference_class(path, red, to_input=bgr) == BLUE
+    assert reference_class(path, dim, to_input=lambda x: x.float()) == BLUE
+    assert served_class(colour_client, red, CROPPED, route) == CLASS_NAMES[RED]
+    assert served_class(colour_client, dim, CROPPED, route) == CLASS_NAMES[DARK]
+
+
+def test_concurrent_requests_each_get_their_own_images_answer(colour_client: TestClient) -> None:
+    images = [(image, trained) for image, trained, _ in list(FRAMED.values())[:3]] + [(flat(PURE_BLUE), BLUE)]
+    assert len({trained for _, trained in images}) == 4  # four different answers to mix up
+
+    def call(i: int) -> tuple[str, str]:
+        image, trained = images[i % len(images)]
+        route = "/upload-file/" if (i // len(images)) % 2 else "/api/predict"
+        return served_class(colour_client, image, CROPPED, route), CLASS_NAMES[trained]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(32)))
+    wrong = [(i, got, want) for i, (got, want) in enumerate(results) if got != want]
+    assert wrong == []
+
+
+def test_a_torchvision_network_is_listed_and_classifies(
+    colour_client: TestClient, colour_models: Path
+) -> None:
+    index = colour_client.get("/").text
+    assert re.findall(r'<option value="([^"]+)"', index) == [CROPPED, TORCHVISION]
+    row = re.search(rf'<th scope="row">{TORCHVISION}</th>(.*?)</tr>', index, re.S)
+    assert row is not None
+    assert re.findall(r"<td>([^<]*)</td>", row[1]) == [
+        "resnet18", "32&times;32 px", "10", "90.0%", "not recorded"]
+
+    listing = {m["name"]: m for m in colour_client.get("/api/models").json()["models"]}
+    assert listing[TORCHVISION] == {
+        "name": TORCHVISION, "architecture": "resnet18", "image_size": 32, "crop": 1.0, "num_classes": 10,
+        "class_names": list(CLASS_NAMES), "val_acc": pytest.approx(0.9), "epoch": 3,
+        "trained_on": "not recorded", "default": False,
+    }
+    assert listing[CROPPED]["architecture"] == "DeepCNN-5Block" and listing[CROPPED]["crop"] == 0.5
+
+    path = colour_models / f"{TORCHVISION}.pth"
+    for colour, expected in ((PURE_GREEN, GREEN), (PURE_BLUE, BLUE), (DIM_GREY, DARK)):
+        assert reference_class(path, flat(colour)) == expected
+        page = colour_client.post("/upload-file/", files={"file": ("g.png", png_bytes(flat(colour)))},
+                                  data={"network": TORCHVISION})
+        assert page.status_code == 200
+        assert f"{TORCHVISION} (resnet18, 32 px input)" in page.text
+        bars = meter_bars(page.text)
+        assert sorted(label for label, _, _ in bars) == sorted(CLASS_NAMES)
+        assert bars[0][0] == CLASS_NAMES[expected]
+        assert len(data_images(page.text)) == 2  # the upload and its Grad-CAM
+        assert served_class(colour_client, flat(colour), TORCHVISION) == CLASS_NAMES[expected]
 
 
 # ---------------------------------------------------------------- bad input
