@@ -494,6 +494,26 @@ def test_a_torchvision_network_is_listed_and_classifies(
         assert served_class(colour_client, flat(colour), TORCHVISION) == CLASS_NAMES[expected]
 
 
+def test_routes_are_plain_functions_of_their_dependencies(colour_models: Path) -> None:
+    registry = main.ModelRegistry(colour_models, default_name=TORCHVISION)
+    listing = main.api_models(registry)
+    assert listing.default == TORCHVISION
+    assert [(m.name, m.architecture, m.default) for m in listing.models] == [
+        (TORCHVISION, "resnet18", True), (CROPPED, "DeepCNN-5Block", False)]
+    assert main.healthz(registry) == {"status": "ok", "models": 2}
+    served = registry.get(f"{CROPPED}.pth")
+    assert (served.name, served.path, served.record.crop) == (CROPPED, colour_models / f"{CROPPED}.pth", 0.5)
+
+
+def test_an_apps_registry_can_be_overridden(tmp_path: Path, colour_models: Path) -> None:
+    app = create_app(tmp_path)  # an empty folder
+    app.dependency_overrides[main.get_registry] = lambda: main.ModelRegistry(colour_models, CROPPED)
+    with TestClient(app) as overridden:
+        assert overridden.get("/healthz").json() == {"status": "ok", "models": 2}
+        assert re.findall(r'<option value="([^"]+)"', overridden.get("/").text) == [CROPPED, TORCHVISION]
+        assert served_class(overridden, flat(PURE_GREEN), CROPPED) == CLASS_NAMES[GREEN]
+
+
 # ---------------------------------------------------------------- bad input
 
 
