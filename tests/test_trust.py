@@ -1,0 +1,202 @@
+"""trust.py and what carries it: calibration by temperature, entropy and margin, the unlike-training flag,
+their place in the checkpoint's record, in every prediction, and `cnn.py --calibrate`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    aged,
+    colour_folders,
+    file_stamp,
+    galaxy_array,
+    save_original_checkpoint,
+    spread_checkpoint,
+)
+from PIL import Image
+
+import cnn
+import cnn_use_model as cum
+import models
+import trust
+from galaxy10 import CLASS_NAMES, run_cli
+
+pytestmark = pytest.mark.usefixtures("cpu_inference")
+
+
+# ---------------------------------------------------------------- the measures
+
+
+def test_the_fitted_temperature_undoes_a_known_overconfidence() -> None:
+    """Labels drawn from softmax(logits / 2): the model is overconfident by a factor 2, which the fit finds,
+    and the negative log-likelihood drops."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 10, generator=generator)
+    labels = torch.multinomial((logits / 2).softmax(1), 1, generator=generator).squeeze(1)
+    temperature = trust.fit_temperature(logits, labels)
+    assert temperature == pytest.approx(2.0, rel=0.1)
+    assert trust.nll(logits, labels, temperature) < trust.nll(logits, labels) - 0.05
+
+
+def test_entropy_and_margin_span_certain_to_uniform() -> None:
+    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1]])
+    entropy, margin = trust.entropy(probs), trust.margin(probs)
+    assert entropy.tolist() == pytest.approx([0.0, 1.0, 0.7298], abs=1e-4)
+    assert margin.tolist() == pytest.approx([1.0, 0.0, 0.5])
+
+
+def test_outliers_flag_the_share_asked_of_validation_and_far_images() -> None:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(3).repeat(200)
+    centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
+    features = centres[labels] + torch.randn(600, 4, generator=generator)
+    val = centres[labels[:300]] + torch.randn(300, 4, generator=generator)
+    outliers = trust.fit_outliers(features, labels, val, flagged_share=0.05)
+    assert outliers.unlike(val).float().mean().item() == pytest.approx(0.05, abs=0.01)
+    far = 20 * torch.randn(100, 4, generator=generator)
+    assert outliers.unlike(far).float().mean().item() > 0.9
+    assert not outliers.unlike(centres).any()  # the class means themselves are as usual as it gets
+
+
+@pytest.mark.parametrize(("confidence", "unlike", "flag"), [
+    (0.9, False, "ok"), (0.3, False, "uncertain"), (0.9, True, "unlike-training"),
+    (0.3, True, "unlike-training"), (0.9, None, "ok"), (0.3, None, "uncertain"),
+])
+def test_the_flag(confidence: float, unlike: bool | None, flag: str) -> None:
+    assert trust.flag(confidence, unlike) == flag
+
+
+# ---------------------------------------------------------------- in predictions
+
+
+def calibrated_copy(source: Path, path: Path, temperature: float, outliers: trust.Outliers | None) -> Path:
+    checkpoint = models.read_checkpoint(source)
+    checkpoint.record = dataclasses.replace(checkpoint.record, temperature=temperature, outliers=outliers)
+    checkpoint.save(path)
+    return path
+
+
+def features_of(path: Path, images: list[np.ndarray]) -> torch.Tensor:
+    """The plain float32 model's penultimate features of these images (what the statistics are fitted on)."""
+    import networks
+
+    checkpoint = models.read_checkpoint(path)
+    features, _ = networks.penultimate(checkpoint.model())
+    batch = torch.stack([checkpoint.record.preprocessing(Image.fromarray(a)) for a in images])
+    with torch.no_grad():
+        return features(models.to_model_input(batch))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return spread_checkpoint(tmp_path_factory.mktemp("trust") / "plain.pth", size=64, centred=False)
+
+
+def test_every_prediction_is_calibrated_by_the_records_temperature(plain: Path, tmp_path: Path) -> None:
+    hot = calibrated_copy(plain, tmp_path / "hot.pth", 3.0, None)
+    images = [galaxy_array(seed, 64) for seed in range(6)]
+    for exact in (True, False):
+        before = torch.tensor([p.probabilities for p in cum.predict_batch(images, plain, exact=exact)])
+        after = torch.tensor([p.probabilities for p in cum.predict_batch(images, hot, exact=exact)])
+        # softmax(z / 3) from softmax(z): the same classes, every answer less sure.
+        expected = (before.log() / 3).softmax(1)
+        torch.testing.assert_close(after, expected, rtol=0, atol=2e-3 if not exact else 1e-6)
+        assert torch.equal(after.argmax(1), before.argmax(1))
+        assert (after.max(1).values < before.max(1).values).all()
+    single = cum.predict(images[0], hot, exact=True)
+    batch_of_one = cum.predict_batch(images[:1], hot, exact=True)[0]
+    assert single.probabilities == pytest.approx(batch_of_one.probabilities, abs=1e-6)
+    tta = cum.predict(images[0], hot, tta=True, exact=True)
+    assert max(tta.probabilities) < max(cum.predict(images[0], plain, tta=True, exact=True).probabilities)
+
+
+def test_images_far_from_the_training_features_are_flagged_in_every_output(
+    plain: Path, tmp_path: Path
+) -> None:
+    galaxies = [galaxy_array(seed, 64) for seed in range(40)]
+    features = features_of(plain, galaxies)
+    labels = torch.zeros(len(galaxies), dtype=torch.long)
+    outliers = trust.fit_outliers(features, labels, features, flagged_share=0.05)
+    path = calibrated_copy(plain, tmp_path / "flagging.pth", 1.0, outliers)
+    noise = [np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8) for seed in range(8)]
+    far = features_of(plain, noise)
+    assert outliers.unlike(far).all(), "the test's noise images must lie far from the galaxies"
+    predictions = cum.predict_batch(galaxies[:10] + noise, path, exact=True)
+    assert [p.flag for p in predictions[10:]] == ["unlike-training"] * 8
+    assert sum(p.flag == "unlike-training" for p in predictions[:10]) <= 2
+    assert cum.predict(noise[0], path).flag == "unlike-training"  # the bfloat16 path where the CPU has it
+    assert cum.grad_cam(noise[0], path)[0].flag == "unlike-training"
+    # Without the statistics (an older checkpoint), nothing is flagged unlike-training.
+    assert all(p.flag != "unlike-training" for p in cum.predict_batch(noise, plain, exact=True))
+    out = tmp_path / "out.csv"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(noise[:3]):
+        Image.fromarray(image).save(folder / f"noise{i}.png")
+    assert run_cli(cum.cli_main, [str(folder), "--model", str(path), "--csv", str(out)]) == 0
+    assert out.read_text().count("unlike-training") == 3
+
+
+def test_min_confidence_moves_answers_between_ok_and_uncertain(plain: Path, tmp_path: Path) -> None:
+    images = [galaxy_array(seed, 64) for seed in range(8)]
+    confident = cum.predict_batch(images, plain, min_confidence=0.0)
+    doubtful = cum.predict_batch(images, plain, min_confidence=1.0)
+    assert {p.flag for p in confident} == {"ok"} and {p.flag for p in doubtful} == {"uncertain"}
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, as for every other flag
+        cum.cli_main([str(tmp_path), "--model", str(plain), "--min-confidence", "2"])
+    assert refused.value.code == 2
+
+
+# ---------------------------------------------------------------- fitted by training and by --calibrate
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("colours")
+    colour_folders(root / "train", classes=("0", "1"), per_class=8, seed=0)
+    colour_folders(root / "val", classes=("0", "1"), per_class=4, seed=1)
+    return root
+
+
+def test_training_calibrates_and_reports_before_and_after(folders: Path, tmp_path: Path) -> None:
+    model_path = tmp_path / "m.pth"
+    args = ["--train-dir", str(folders / "train"), "--val-dir", str(folders / "val"), "--model-path",
+            str(model_path), "--image-size", "32", "--batch-size", "4", "--epochs", "2", "--num-classes", "2",
+            "--workers", "1", "--device", "cpu", "--precision", "fp32"]
+    assert run_cli(cnn.main, args) == 0
+    record = models.read_record(model_path)
+    report = json.loads(models.output_path(model_path, "report.json").read_text())
+    calibration = report["calibration"]
+    assert record.temperature == calibration["temperature"] and record.outliers is not None
+    assert record.outliers.threshold == calibration["outlier_threshold"]
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    assert report["ece"] == pytest.approx(calibration["ece_after"])
+    assert 0 <= calibration["val_flagged_unlike_training"] <= 0.25  # 1 of 8 validation images at most
+
+
+def test_calibrate_writes_a_new_file_and_never_rewrites_the_original(
+    original_model: models.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    val = tmp_path / "val"
+    colour_folders(val, classes=tuple(str(c) for c in range(10)), per_class=2, seed=3)
+    original = aged(save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict()))
+    before = file_stamp(original)
+    assert models.read_record(original).outliers is None  # the original's: no statistics, no such flag
+    args = ["--calibrate", "--model-path", str(original), "--val-dir", str(val), "--device", "cpu",
+            "--workers", "1"]
+    assert run_cli(cnn.main, args) == 0
+    assert file_stamp(original) == before
+    calibrated = tmp_path / "model.calibrated.pth"
+    record = models.read_record(calibrated)
+    assert record.source == "original" and record.outliers is not None and record.temperature > 0
+    weights = models.read_checkpoint(calibrated).weights
+    assert all(torch.equal(weights[k], v) for k, v in models.read_checkpoint(original).weights.items())
+    assert f"wrote {calibrated}" in capsys.readouterr().out
+    prediction = cum.predict(galaxy_array(0), calibrated)
+    assert prediction.flag in trust.FLAGS and math.isfinite(prediction.entropy)
+    assert record.class_names == CLASS_NAMES
