@@ -7,6 +7,11 @@
 ten classes, Grad-CAM), `POST /api/predict` the same prediction as JSON, `GET /api/models` and
 `GET /healthz` what is served, `/docs` the OpenAPI page. Uploads stay in memory: nothing a client
 sends is ever written to disk, not even to a temporary file.
+
+Each route is a module-level function on `router`, given what it needs by FastAPI dependencies
+(`get_registry`, `get_pages`, `get_inference_slots`, `get_settings`: what `create_app` put on `app.state`,
+which `app.dependency_overrides` can replace); `create_app` only assembles the app. The models on offer are
+described by their checkpoints' records (`models.read_record`), read again only when a file changes.
 """
 from __future__ import annotations
 
