@@ -372,11 +372,15 @@ def read_upload(file: UploadFile) -> Upload:
 
 
 def prediction_json(prediction: Prediction, model: ServedModel) -> dict[str, Any]:
-    """The API's answer: the class, its confidence, every class's probability, the model's name."""
+    """The API's answer: the class, its (calibrated) confidence, how far to trust it (entropy, margin, flag),
+    every class's probability, the model's name."""
     return {
         "class_id": prediction.class_id,
         "class_name": prediction.class_name,
         "confidence": prediction.confidence,
+        "entropy": prediction.entropy,
+        "margin": prediction.margin,
+        "flag": prediction.flag,
         "probabilities": dict(zip(prediction.class_names, prediction.probabilities, strict=True)),
         "model": model.name,
     }
@@ -416,6 +420,9 @@ class PredictionOut(BaseModel):
     class_id: int
     class_name: str
     confidence: float
+    entropy: float
+    margin: float
+    flag: str
     probabilities: dict[str, float]
     model: str
 

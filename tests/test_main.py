@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
+import math
 import os
 import re
 import shutil
@@ -36,6 +38,8 @@ from starlette.responses import PlainTextResponse
 
 import main
 import models
+import networks
+import trust
 from cnn_use_model import grad_cam, predict
 from galaxy10 import CLASS_NAMES, run_cli
 from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
@@ -1028,3 +1032,44 @@ def test_make_demo_stops_before_training_when_the_port_is_taken(taken_port: int,
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if "error: " in line][0] == port_taken_error(taken_port)
     assert list(tmp_path.iterdir()) == [], "the demo started its pipeline"
+
+
+def trust_checkpoint(path: Path, temperature: float, flag_everything: bool | None) -> Path:
+    """A colour model trained (so its record says) on the built-in synthetic sample, with a temperature,
+    and outlier statistics that flag every image (True), none (False), or no statistics at all (None)."""
+    colour_checkpoint(path)
+    checkpoint = models.read_checkpoint(path)
+    width = networks.penultimate(checkpoint.model())[1].in_features
+    outliers = None if flag_everything is None else trust.Outliers(
+        torch.zeros(len(CLASS_NAMES), width), torch.eye(width), -1.0 if flag_everything else math.inf)
+    checkpoint.record = dataclasses.replace(
+        checkpoint.record, temperature=temperature, outliers=outliers,
+        trained_on=models.TrainingData("balanced_data/train", 2380, synthetic=True))
+    checkpoint.save(path)
+    return path
+
+
+@pytest.mark.parametrize(("temperature", "flag_everything", "flag", "warning"), [
+    (1.0, False, "ok", None),
+    (1.0, None, "ok", None),
+    (1000.0, False, "uncertain", "The model is unsure about this image"),
+    (1.0, True, "unlike-training", "This image does not look like the galaxies this model was trained on"),
+])
+def test_the_page_and_the_api_say_how_far_to_trust_an_answer(
+    tmp_path: Path, temperature: float, flag_everything: bool | None, flag: str, warning: str | None
+) -> None:
+    trust_checkpoint(tmp_path / "demo.pth", temperature, flag_everything)
+    red = png_bytes(flat((200, 30, 30)))
+    with TestClient(create_app(tmp_path)) as client:
+        answer = client.post("/api/predict", files={"file": ("g.png", red)}).json()
+        page = client.post("/upload-file/", files={"file": ("g.png", red)}).text
+        index = client.get("/").text
+    assert answer["flag"] == flag and 0 <= answer["entropy"] <= 1 and 0 <= answer["margin"] <= 1
+    assert (answer["confidence"] < 0.5) == (flag == "uncertain")
+    if warning is None:
+        assert 'role="alert"' not in page
+    else:  # in words, above the verdict and the bars
+        assert page.index(warning) < page.index('id="verdict-class"') < page.index('class="bars"')
+    assert "the built-in synthetic sample (2,380 images)" in page and "Synthetic galaxies only" in page
+    assert "validation accuracy 90.0%" in page
+    assert "demo: trained on the built-in synthetic sample (2,380 images), 90.0% on validation" in index
