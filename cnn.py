@@ -61,8 +61,10 @@ from models import (  # CNNModel and load_checkpoint: public names of cnn since 
     read_record,
     resume_path,
 )
+from networks import last_linear_name
 from reports import expected_calibration_error, write_curves, write_report
 from training import (
+    Run,
     eval_batch_size,
     make_run,
     new_record,
@@ -100,7 +102,8 @@ def fit(config: Config) -> dict[str, Any]:
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     check_images_per_process(train_scan, val_scan)
-    record = new_record(config, class_names_for(train_scan.classes), training_data(train_scan))
+    class_names = class_names_for(train_scan.classes, config.class_names)
+    record = new_record(config, class_names, training_data(train_scan))
     initial = initial_weights(config, record)
     train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
     val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")
@@ -116,8 +119,7 @@ def fit(config: Config) -> dict[str, Any]:
         restore(run, resumed)
         print(f"resuming after epoch {run.epoch} of {config.num_epochs}")
     elif initial is not None:
-        run.model.load_state_dict(initial)
-        print(f"starting from the weights of {config.init_from}")
+        start_from(run, initial, config.init_from)
     started, first_epoch = time.perf_counter(), run.epoch
     try:
         train_epochs(run)
@@ -150,7 +152,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     checkpoint = read_checkpoint(config.model_path)
     record = checkpoint.record
     scan = scan_image_folder(config.val_dir)
-    record.check_classes(class_names_for(scan.classes), config.val_dir, config.model_path)
+    record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
     model = checkpoint.model().to(device, memory_format=torch.channels_last)
     val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
     context = {"epoch": record.metrics.epoch, "val_dir": config.val_dir, "recipe": record.recipe}
@@ -166,7 +168,7 @@ def calibrate_checkpoint(config: Config) -> dict[str, Any]:
     checkpoint = read_checkpoint(config.model_path)
     record = checkpoint.record
     scan = scan_image_folder(config.val_dir)
-    record.check_classes(class_names_for(scan.classes), config.val_dir, config.model_path)
+    record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
     model = checkpoint.model().to(device, memory_format=torch.channels_last)
     val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
     batch_size = eval_batch_size(config.batch_size, device)
@@ -224,14 +226,30 @@ def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: 
 
 
 def initial_weights(config: Config, record: ModelRecord) -> dict[str, torch.Tensor] | None:
-    """--init-from's weights, checked against the run before any image is decoded; a resumed run continues
-    from its own weights instead."""
+    """--init-from's weights, checked against the run before any image is decoded: the same network at the
+    same size. Trained on other classes, all but its output layer (fine-tuning onto new labels). A resumed run
+    continues from its own weights instead."""
     if not config.init_from or config.resume:
         return None
     checkpoint = read_checkpoint(config.init_from, mmap=True)
     checkpoint.record.check_network(config.arch, config.image_size, "--init-from", config.init_from)
-    checkpoint.record.check_classes(record.class_names, config.train_dir, config.init_from)
-    return checkpoint.weights
+    if checkpoint.record.class_names == record.class_names:
+        return checkpoint.weights
+    with torch.device("meta"):  # names only: no memory, no initialisation work
+        output = f"{last_linear_name(record.build())}."
+    return {name: tensor for name, tensor in checkpoint.weights.items() if not name.startswith(output)}
+
+
+def start_from(run: Run, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load --init-from's weights into the run's model and say in one line what was kept and what is new."""
+    missing, _ = run.model.load_state_dict(weights, strict=False)
+    if not missing:
+        print(f"starting from the weights of {source}")
+        return
+    classes = run.record.class_names
+    print(f"starting from {source}: kept its network ({len(weights)} tensors); new: the output layer for "
+          f"{len(classes)} classes ({', '.join(classes)})" + (", the only layer trained (--freeze-body)"
+                                                            if run.config.freeze_body else ""))
 
 
 def saved_settings(model_path: str) -> dict[str, Any]:

@@ -119,7 +119,10 @@ class Config:
     num_epochs: int = flag(100, "most epochs to train", name="--epochs")
     learning_rate: float = flag(0.001, "base learning rate; the recipe's optimiser peaks at lr_scale x it",
                                 name="--lr")
-    num_classes: int = flag(10, "class folders expected in each data folder")
+    num_classes: int | None = flag(None, "class folders expected in each data folder (default: as many as "
+                                         "the training folder has)", kind=int)
+    class_names: str = flag("", "a text FILE naming the classes, one line per class folder in folder order; "
+                                "without it, the folder names (the folders 0 to 9 exactly are Galaxy10's)")
     patience: int = flag(10, "epochs without val-loss improvement before stopping early")
     min_delta: float = flag(0.0001, "smallest val-loss decrease that counts as an improvement")
     arch: str = flag(DEFAULT_ARCH, "the network (DeepCNN-5Block is the original's; the others are "
@@ -150,7 +153,10 @@ class Config:
     resume: bool = flag(False, "continue the interrupted run of --model-path from <model stem>.resume.pth, "
                                "with its own settings: no other flag is needed")
     init_from: str = flag("", "start from the weights of this checkpoint (cnn.py's or the original "
-                              "project's) with a fresh optimiser")
+                              "project's) with a fresh optimiser; with other classes, its network is kept "
+                              "and the output layer is new (fine-tuning onto your own labels)")
+    freeze_body: bool = flag(False, "train the output layer only, on the network --init-from gave (a linear "
+                                    "probe: fast on a CPU, the usual first step with few labels)")
     compile: bool = flag(False, "torch.compile the model (slow to start, faster steps)")
     evaluate: bool = flag(False, "only write the evaluation report of --model-path on --val-dir")
     calibrate: bool = flag(False, "fit the temperature and the unlike-training statistics of --model-path on "
@@ -311,7 +317,10 @@ def check_config(config: Config) -> None:
         raise Galaxy10Error(f"--image-size must be a positive multiple of 32 (the model halves it 5 times), "
                             f"not {config.image_size}")
     for name in ("batch_size", "num_epochs", "num_classes", "patience"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise Galaxy10Error(f"{flag_name(name)} must be at least 1, not {getattr(config, name)}")
     if not config.learning_rate > 0 or config.min_delta < 0:
         raise Galaxy10Error("--lr must be positive and --min-delta not negative")
+    if config.freeze_body and not config.init_from:
+        raise Galaxy10Error("--freeze-body trains the output layer on a network trained before: add "
+                            "--init-from CHECKPOINT")

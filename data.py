@@ -61,14 +61,31 @@ def scan_image_folder(root: str | os.PathLike[str]) -> FolderScan:
     return FolderScan(root, paths, labels, [p.name for p in folders])
 
 
-def class_names_for(classes: Sequence[str]) -> list[str]:
-    """Galaxy10 names for class-id folders 0..9; any other folder names are their own class names."""
-    if all(c.isdigit() and int(c) < len(CLASS_NAMES) for c in classes):
-        return [CLASS_NAMES[int(c)] for c in classes]
+def class_names_for(classes: Sequence[str], names_file: str | os.PathLike[str] = "") -> list[str]:
+    """The class names of class folders: those of `names_file` (one per line, in folder order) where given;
+    Galaxy10's for the folders 0 to 9 exactly (an export of the Galaxy10 file); else the folder names."""
+    if names_file:
+        return names_from_file(names_file, classes)
+    if list(classes) == [str(i) for i in range(len(CLASS_NAMES))]:
+        return list(CLASS_NAMES)
     return list(classes)
 
 
-def check_classes(train: FolderScan, val: FolderScan, num_classes: int) -> None:
+def names_from_file(path: str | os.PathLike[str], classes: Sequence[str]) -> list[str]:
+    """--class-names: one non-empty line per class folder; another count is one line saying which."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise Galaxy10Error(f"--class-names {path} cannot be read ({err}): give a text file, one name a line"
+                            ) from None
+    if len(names) != len(classes) or len(set(names)) != len(names):
+        raise Galaxy10Error(f"--class-names {path} has {len(names)} distinct name(s) for {len(classes)} "
+                            f"class folders ({', '.join(classes)}): give one different name per folder, in "
+                            "that order")
+    return names
+
+
+def check_classes(train: FolderScan, val: FolderScan, num_classes: int | None) -> None:
     """Same class folders in train and val, as many as the model has outputs, none empty in train.
 
     An empty val class is allowed: a small split can leave a rare class out; the report shows it.
@@ -78,10 +95,12 @@ def check_classes(train: FolderScan, val: FolderScan, num_classes: int) -> None:
             f"{train.root} has classes {train.classes} but {val.root} has {val.classes}: "
             "both need the same class folders"
         )
-    if len(train.classes) != num_classes:
+    if len(train.classes) < 2:
+        raise Galaxy10Error(f"{train.root} has one class folder: a classifier needs at least two")
+    if num_classes is not None and len(train.classes) != num_classes:
         raise Galaxy10Error(
             f"{train.root} has {len(train.classes)} class folders {train.classes}, expected {num_classes}: "
-            "re-export the data or pass --num-classes"
+            "re-export the data or drop --num-classes"
         )
     empty = sorted(set(range(len(train.classes))) - set(train.labels))
     if empty:

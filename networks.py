@@ -246,6 +246,7 @@ def state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def last_linear_name(net: nn.Module) -> str:
-    """The name of a network's output layer (resnet: fc, convnext: classifier.2): its last Linear."""
+    """The name of a network's output layer (resnet: fc, convnext: classifier.2; DeepCNN-5Block:
+    classifier.13): its last Linear."""
     return [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]
 

@@ -46,7 +46,7 @@ from models import (
     resume_path,
     to_model_input,
 )
-from networks import load_pretrained, penultimate
+from networks import last_linear_name, load_pretrained, penultimate
 from reports import write_history
 
 LABEL_SMOOTHING = 0.1
@@ -66,8 +66,10 @@ Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.Redu
 def make_optimizer(
     model: nn.Module, recipe: Recipe, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the parameters that train (all but a frozen body's)."""
     optimizer = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(model.parameters(), lr=lr * recipe.lr_scale, weight_decay=recipe.weight_decay,
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return optimizer(trained, lr=lr * recipe.lr_scale, weight_decay=recipe.weight_decay,
                      fused=device.type == "cuda")
 
 
@@ -258,6 +260,8 @@ def make_run(config: Config, device: torch.device, record: ModelRecord, train: I
     model = model.to(device, memory_format=torch.channels_last)
     if config.no_dropout:
         switch_off_dropout(model)
+    if config.freeze_body:
+        freeze_all_but_the_output_layer(model)
     if config.sync_bn and world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_dropout_per_process(config.seed)
@@ -287,6 +291,23 @@ def print_model_summary(model: nn.Module, image_size: int) -> None:
     summary(model, (3, image_size, image_size), device="cpu")
 
 
+def freeze_all_but_the_output_layer(model: nn.Module) -> None:
+    """--freeze-body: only the output layer's weights train (a linear probe on the network's features)."""
+    output = f"{last_linear_name(model)}."
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(output))
+
+
+def set_train_mode(run: Run) -> None:
+    """Training mode (dropout on, BatchNorm learning its statistics), except that a frozen body keeps its
+    BatchNorm statistics: the features the output layer learns from stay those of the trained network."""
+    run.forward.train()
+    if run.config.freeze_body:
+        for module in run.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def switch_off_dropout(model: nn.Module) -> None:
     """--no-dropout: every Dropout layer passes its input through."""
     for module in model.modules():
@@ -309,7 +330,7 @@ def finite(value: float, what: str, run: Run, epoch: int) -> float:
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
     """One pass over the shuffled training cache; returns the epoch's mean loss and accuracy."""
-    run.forward.train()
+    set_train_mode(run)
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     seen = 0
