@@ -41,6 +41,7 @@ class Classified(Protocol):
     entropy: float
     margin: float
     flag: str
+    embedding: tuple[float, ...] | None
     class_names: tuple[str, ...]
     probabilities: tuple[float, ...]
 
@@ -222,7 +223,8 @@ def output_file(out: Path | None, csv: Path | None) -> tuple[Path | None, str]:
     return path, fmt
 
 
-def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None) -> pa.Schema:
+def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None,
+                  embedding_size: int | None = None) -> pa.Schema:
     """One row per input: the catalog's id (with --id-column), the path, the prediction, how far to trust it
     (the normalised entropy, the margin between the two best classes, the flag: ok, uncertain or
     unlike-training), every class's probability, and why the input could not be read (null where it could)."""
@@ -237,6 +239,8 @@ def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None) 
         *(pa.field(name, pa.float64()) for name in class_names),
         pa.field("error", pa.string()),
     ]
+    if embedding_size is not None:  # --embeddings: the penultimate features, a fixed-size list per row
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_size)))
     if id_field is None:
         return pa.schema(fields)
     if id_field.name in (field.name for field in fields):
@@ -254,6 +258,8 @@ def output_record(row: Row, result: Result, id_column: str | None) -> dict[str, 
     else:
         record.update(class_id=result.class_id, class_name=result.class_name, confidence=result.confidence,
                       entropy=result.entropy, margin=result.margin, flag=result.flag)
+        if result.embedding is not None:
+            record["embedding"] = list(result.embedding)
         record.update(zip(result.class_names, result.probabilities, strict=True))
     return record
 

@@ -138,27 +138,34 @@ class InferenceModel:
         """Calibrated class probabilities (B, C) for a uint8 batch (B, 3, S, S); see `classify`."""
         return self.classify(images, tta=tta, exact=exact)[0]
 
+    @property
+    def embedding_size(self) -> int:
+        """The width of the penultimate features: the input of the output layer."""
+        return self.head[-1].in_features
+
     def classify(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Calibrated class probabilities (B, C) for a uint8 batch (B, 3, S, S), softmax(logits / T) with the
         record's temperature, and which images lie unlike the training set (None where the record has no
-        statistics for it). With `tta`, the probabilities are averaged over the 8 flips and quarter turns
-        (one forward pass of 8B images); with `exact`, float32 throughout. The distance to the training set
-        is read from the penultimate features the pass computes anyway."""
+        statistics for it), and their penultimate features (B, D), the embedding. With `tta`, the
+        probabilities are averaged over the 8 flips and quarter turns (one forward pass of 8B images); with
+        `exact`, float32 throughout. The distance to the training set is read from the penultimate features
+        the pass computes anyway, of the image as it is (not turned)."""
         x = to_model_input(images.to(self.device))
         views = dihedral_views(x) if tta else x
         network = self.fp32 if exact else self.bf16
         with torch.inference_mode():
-            features = network[:-1](views)
-            logits = network[-1](features)
+            hidden = network[:-1](views)
+            logits = network[-1](hidden)
             if network is not self.fp32:
                 logits = self._settle_near_ties(views, logits)
             probs = (logits / self.record.temperature).softmax(dim=1)
+            embedding = hidden[: len(images)].float()
             outliers = self.record.outliers
-            unlike = None if outliers is None else outliers.unlike(features[: len(images)]).cpu()
+            unlike = None if outliers is None else outliers.unlike(embedding).cpu()
         if tta:
             probs = probs.view(8, len(images), -1).mean(dim=0)
-        return probs.cpu(), unlike
+        return probs.cpu(), unlike, embedding.cpu()
 
     def _settle_near_ties(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute in float32 the images whose top two bfloat16 logits are too close to call."""
@@ -238,11 +245,12 @@ class Prediction:
     entropy: float = 0.0
     margin: float = 0.0
     flag: str = trust.OK
+    embedding: tuple[float, ...] | None = None  # the penultimate features, where asked for
 
     @classmethod
     def from_probabilities(cls, probs: torch.Tensor, model: InferenceModel, top_k: int | None,
                            unlike: bool | None = None, min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
-                           ) -> Prediction:
+                           embedding: torch.Tensor | None = None) -> Prediction:
         values = tuple(float(p) for p in probs.double())
         order = sorted(range(len(values)), key=lambda i: -values[i])[: _top_k_count(top_k, len(values))]
         best = order[0]
@@ -257,6 +265,7 @@ class Prediction:
             entropy=float(trust.entropy(probs.double())),
             margin=float(trust.margin(probs.double())),
             flag=trust.flag(values[best], unlike, min_confidence),
+            embedding=None if embedding is None else tuple(embedding.tolist()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,27 +319,44 @@ def iter_predictions(
     exact: bool = False,
     device: str = "auto",
     min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
+    embeddings: bool = False,
 ) -> Iterator[Prediction | ImageError]:
-    """Predictions in the order of `sources`, read lazily in batches; an unreadable source yields its
-    ImageError instead, so one bad file never stops the rest."""
+    """Predictions in the order of `sources`, read lazily in batches (with `embeddings`, each with its
+    penultimate features); an unreadable source yields its ImageError instead, so one bad file never stops
+    the rest."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = load_model(model_path, device)
     with ThreadPoolExecutor(max_workers=2) as pool:
         for decoded in _decoded_batches(sources, model, batch_size, pool):
             images = [item for item in decoded if isinstance(item, torch.Tensor)]
-            answers = iter(_predictions(model, torch.stack(images), top_k, tta, exact, min_confidence)
-                           if images else [])
+            answers = iter(_predictions(model, torch.stack(images), top_k, tta, exact, min_confidence,
+                                        embeddings) if images else [])
             for item in decoded:
                 yield item if isinstance(item, ImageError) else next(answers)
 
 
 def _predictions(model: InferenceModel, images: torch.Tensor, top_k: int | None, tta: bool, exact: bool,
-                 min_confidence: float) -> list[Prediction]:
+                 min_confidence: float, embeddings: bool = False) -> list[Prediction]:
     """The Prediction of each image of a uint8 batch."""
-    probs, unlike = model.classify(images, tta=tta, exact=exact)
+    probs, unlike, hidden = model.classify(images, tta=tta, exact=exact)
     return [Prediction.from_probabilities(p, model, top_k, None if unlike is None else bool(unlike[i]),
-                                          min_confidence) for i, p in enumerate(probs)]
+                                          min_confidence, hidden[i] if embeddings else None)
+            for i, p in enumerate(probs)]
+
+
+def features(sources: Iterable[Source], model_path: str | os.PathLike[str] = DEFAULT_MODEL, *,
+             batch_size: int = 16, device: str = "auto") -> np.ndarray:
+    """The penultimate features (N, D) of the images, in order, as float32: an embedding in the network's own
+    terms, for finding galaxies like one another or unlike all; an unreadable source raises its ImageError."""
+    rows = []
+    for result in iter_predictions(sources, model_path, batch_size=batch_size, device=device, exact=True,
+                                   embeddings=True):
+        if isinstance(result, ImageError):
+            raise result
+        rows.append(result.embedding)
+    width = load_model(model_path, device).embedding_size
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
 
 
 def predict_batch(
@@ -507,6 +533,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "tta": args.tta,
         "exact": args.exact,
         "min_confidence": args.min_confidence,
+        "embeddings": args.embeddings is not None,
     }
 
 
@@ -532,6 +559,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="write a row per input to FILE.parquet or FILE.csv: catalog id, path, class id and name, "
              "confidence, entropy, margin, flag, every class's probability, error (default: none; a catalog "
              "needs one)",
+    )
+    parser.add_argument(
+        "--embeddings", type=Path, metavar="FILE",
+        help="--out FILE.parquet with each input's penultimate features (the network's embedding) in an "
+             "`embedding` column; shards, --resume and torchrun as --out (default: none)",
     )
     parser.add_argument(
         "--csv", type=Path, metavar="FILE",
@@ -599,10 +631,22 @@ def _positive(text: str) -> int:
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns 1 when any input was unreadable (the rest are still classified)."""
     args = parse_args(argv)
-    output = plan_output(args.out, csv=args.csv, shard=args.shard, resume=args.resume,
+    output = plan_output(embeddings_file(args), csv=args.csv, shard=args.shard, resume=args.resume,
                          chunk_size=args.chunk_size, batch_size=args.batch_size)
     with torchrun_group(args.device, gpu_collectives=False, timeout=BARRIER_TIMEOUT):
         return classify_inputs(args, output)
+
+
+def embeddings_file(args: argparse.Namespace) -> Path | None:
+    """The output file: --embeddings FILE (a Parquet file: a list column has no CSV form) or --out FILE."""
+    if args.embeddings is None:
+        return args.out
+    if args.out is not None or args.csv is not None:
+        raise Galaxy10Error("--embeddings FILE is --out FILE with an embedding column: give one of them")
+    if args.embeddings.suffix.lower() != ".parquet":
+        raise Galaxy10Error(f"--embeddings {args.embeddings}: name a .parquet file (a CSV cannot hold the "
+                            "embedding vectors)")
+    return args.embeddings
 
 
 def classify_inputs(args: argparse.Namespace, output: Output) -> int:
@@ -623,7 +667,8 @@ def classify_inputs(args: argparse.Namespace, output: Output) -> int:
         for _ in classify(output.shard.select(inputs.rows()), 0):
             pass
     else:
-        schema = output_schema(model.class_names, inputs.catalog and inputs.catalog.id_field)
+        width = model.embedding_size if args.embeddings else None
+        schema = output_schema(model.class_names, inputs.catalog and inputs.catalog.id_field, width)
         settings = run_settings(args)
         if not write_predictions(output, inputs.rows(), classify, schema, settings, args.id_column):
             return 130
@@ -661,6 +706,7 @@ class RowClassifier:
         predictions = iter_predictions(
             (row.source for row in to_model), args.model, tta=args.tta, batch_size=args.batch_size,
             top_k=args.top_k, exact=args.exact, device=args.device, min_confidence=args.min_confidence,
+            embeddings=args.embeddings is not None,
         )
         if self.table:
             tqdm.write(self.table.header())

@@ -235,3 +235,34 @@ def test_catalog_that_is_not_a_table_and_shard_under_torchrun(
     monkeypatch.setenv("RANK", "1")
     assert run_cli(cum.cli_main, [str(table), "--out", str(tmp_path / "o.csv"), "--shard", "1/2"]) == 2
     assert_one_line_error(capsys, "torchrun", "drop --shard")
+
+
+def test_embeddings_are_the_penultimate_features_per_row_through_shards(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    paths = survey_images(tmp_path, 7)
+    paths[3] = "cutouts/missing.png"
+    table = write_catalog(tmp_path / "catalog.parquet", {"path": paths, "objid": list(range(200, 207))})
+    common = [str(table), "--model", str(ckpt), "--id-column", "objid", "--batch-size", "2",
+              "--chunk-size", "2", "--exact"]  # float32, as features() computes them
+    whole, sharded = tmp_path / "whole.parquet", tmp_path / "sharded.parquet"
+    assert run_cli(cum.cli_main, [*common, "--embeddings", str(whole)]) == 1  # one row is unreadable
+    for index, unreadable in ((1, 1), (0, 0)):  # row 3, the unreadable one, is shard 1's
+        args = [*common, "--embeddings", str(sharded), "--shard", f"{index}/2"]
+        assert run_cli(cum.cli_main, args) == unreadable
+    rows, merged = read_output(whole), read_output(sharded)
+    assert [r["objid"] for r in rows] == [r["objid"] for r in merged] == list(range(200, 207))
+    assert [(r["path"], r["class_id"], r["error"]) for r in rows] == [(r["path"], r["class_id"], r["error"])
+                                                                      for r in merged]
+    readable = [i for i, r in enumerate(rows) if r["error"] is None]
+    expected = cum.features([tmp_path / rows[i]["path"] for i in readable], ckpt)
+    assert expected.shape == (6, cum.load_model(ckpt).embedding_size)
+    for output in (rows, merged):  # other batches: equal up to float32 rounding
+        embeddings = np.array([output[i]["embedding"] for i in readable])
+        np.testing.assert_allclose(embeddings, expected, rtol=0, atol=1e-4)
+    assert rows[3]["embedding"] is None and "not found" in rows[3]["error"]
+    # A CSV cannot hold the vectors, and --embeddings is --out with them: not both.
+    assert run_cli(cum.cli_main, [*common, "--embeddings", str(tmp_path / "e.csv")]) == 2
+    assert run_cli(cum.cli_main, [*common, "--embeddings", str(whole), "--out", str(whole)]) == 2
+    err = capsys.readouterr().err
+    assert "name a .parquet file" in err and "give one of them" in err
