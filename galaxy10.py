@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -89,6 +90,16 @@ class Galaxy10File:
     def __len__(self) -> int:
         return self.rows
 
+    @cached_property
+    def has_galaxy10_classes(self) -> bool:
+        """The labels are Galaxy10's ten classes, all of them (as exported class folders 0 to 9 are named)."""
+        return self.labels is not None and set(np.unique(self.labels)) == set(range(len(CLASS_NAMES)))
+
+    def class_name(self, label: int) -> str:
+        """A label's class name: Galaxy10's in a file of its ten classes, else the label itself, for a file of
+        the user's own classes."""
+        return CLASS_NAMES[label] if self.has_galaxy10_classes else str(label)
+
     def iter_images(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
         """Every row of `images`, in order, read `chunk_rows` at a time."""
         with h5py.File(self.path, "r") as f:
@@ -144,11 +155,11 @@ def _read_labels(f: h5py.File, n: int, path: Path, complete: bool) -> np.ndarray
     labels = _read_vector(f, "ans", n, path)
     if labels.dtype.kind not in "iu":
         raise Galaxy10Error(f"{path}: `ans` is {labels.dtype}, expected integer class ids")
-    bad = np.flatnonzero((labels < 0) | (labels >= len(CLASS_NAMES)))
+    bad = np.flatnonzero(labels < 0)
     if complete and bad.size:
         raise Galaxy10Error(
-            f"{path}: label {labels[bad[0]]} at row {bad[0]} is outside 0-{len(CLASS_NAMES) - 1} "
-            f"({bad.size} bad row(s)): fix the `ans` dataset"
+            f"{path}: label {labels[bad[0]]} at row {bad[0]} is negative ({bad.size} bad row(s)): class ids "
+            "count from 0; fix the `ans` dataset"
         )
     return labels.astype(np.int64)
 

@@ -26,7 +26,6 @@ from PIL import Image
 
 from galaxy10 import (
     CHUNK_ROWS,
-    CLASS_NAMES,
     DATASET_INFO,
     OFFICIAL_SHA256,
     Galaxy10Error,
@@ -81,7 +80,7 @@ def split_rows(labels: np.ndarray, val_size: float = 0.2, seed: int = 42) -> np.
     if counts.min() < 2:
         c = int(classes[counts.argmin()])
         raise Galaxy10Error(
-            f"class {c} ({CLASS_NAMES[c]}) has only {counts.min()} image: a stratified split needs "
+            f"class {c} has only {counts.min()} image: a stratified split needs "
             "at least 2 per class; add images of that class"
         )
     try:
@@ -223,7 +222,7 @@ def manifest_row(source: Galaxy10File, index: int, split: str) -> dict:
     return {
         "index": index,
         "label": label,
-        "class_name": CLASS_NAMES[label],
+        "class_name": source.class_name(label),
         "split": split,
         "path": image_relpath(split, label, index),
         **{name: repr(float(source.meta[name][index])) for name in ("ra", "dec", "redshift")},
@@ -246,13 +245,15 @@ def write_dataset_info(folder: Path, source: Galaxy10File) -> None:
 
 def print_summary(out: Path, rows: list[dict]) -> None:
     counts: dict[tuple[str, int], int] = {}
+    names: dict[int, str] = {}
     for row in rows:
         counts[row["split"], row["label"]] = counts.get((row["split"], row["label"]), 0) + 1
+        names[row["label"]] = row["class_name"]
     print(f"wrote {len(rows):,} images to {out}/ (manifest: {out / 'manifest.csv'})")
     print(f"{'class':<40}{'train':>8}{'val':>8}")
-    for label, name in enumerate(CLASS_NAMES):
-        if ("train", label) in counts or ("val", label) in counts:
-            print(f"{label} {name:<38}{counts.get(('train', label), 0):>8}{counts.get(('val', label), 0):>8}")
+    for label in sorted(names):
+        name = names[label]
+        print(f"{label} {name:<38}{counts.get(('train', label), 0):>8}{counts.get(('val', label), 0):>8}")
 
 
 # ---------------------------------------------------------------- command line

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli
+from galaxy10 import Galaxy10Error, run_cli
 from load_data import (
     MANIFEST_FIELDS,
     Galaxy10File,
@@ -68,12 +68,12 @@ def plan_augmentations(train_labels: np.ndarray, train_rows: np.ndarray, target:
     Each class's originals are used in turn (a seeded permutation, cycled), so no image is copied
     twice before every image of its class has been copied once.
     """
-    counts = np.bincount(train_labels, minlength=len(CLASS_NAMES))
+    counts = np.bincount(train_labels)
     goal = int(counts.max()) if target is None else target
     if goal < counts.max():
         largest = int(counts.argmax())
         raise Galaxy10Error(
-            f"--target {goal} is below the largest training class ({CLASS_NAMES[largest]}: "
+            f"--target {goal} is below the largest training class (class {largest}: "
             f"{counts.max()} images): pass a larger --target or leave it out"
         )
     rng = np.random.default_rng(seed)
@@ -132,7 +132,7 @@ def augmentation_row(source: Galaxy10File, aug: Augmentation) -> dict:
     return {
         "index": "",  # a copy is no row of the file; its source row is `source_index`
         "label": aug.label,
-        "class_name": CLASS_NAMES[aug.label],
+        "class_name": source.class_name(aug.label),
         "split": "train",
         "path": f"train/{aug.label}/{aug.filename}",
         **{name: repr(float(source.meta[name][i])) for name in ("ra", "dec", "redshift")},

@@ -62,7 +62,7 @@ def test_split_is_seeded_and_stratified() -> None:
 def test_split_refuses_a_class_too_small_to_stratify(tmp_path: Path, capsys) -> None:
     h5 = random_galaxy10(tmp_path / "g.h5", [5, 5, 1, 5, 5, 5, 5, 5, 5, 5])
     assert export(h5, tmp_path / "out") == 2
-    assert_one_line_error(capsys, "class 2", CLASS_NAMES[2], "at least 2")
+    assert_one_line_error(capsys, "class 2", "at least 2")
     assert not (tmp_path / "out").exists()
 
 
@@ -356,7 +356,6 @@ def test_truncated_file(h5: Path, tmp_path: Path, capsys, keep: float) -> None:
         ({"images": np.zeros((4, 32, 32, 4), np.uint8)}, ["shape"]),
         ({"images": np.zeros((4, 32, 32, 3), np.float32)}, ["float32", "uint8"]),
         ({"ans": np.zeros(5, np.uint8)}, ["`ans`", "shape"]),
-        ({"ans": np.array([0, 1, 12, 3], np.uint8)}, ["label 12", "row 2", "0-9"]),
         ({"ans": np.array([0, 1, -1, 3], np.int16)}, ["label -1"]),
         ({"ans": np.array([0.0, 1.0, 2.0, 3.0])}, ["float64", "integer"]),
         ({"dec": np.zeros(3)}, ["`dec`", "shape"]),
@@ -428,3 +427,17 @@ def test_an_export_of_the_built_in_sample_says_it_is_synthetic_and_training_reco
     trained_on = data.training_data(scan)
     assert trained_on.synthetic is True and trained_on.images == len(scan.paths)
     assert trained_on.describe() == f"the built-in synthetic sample ({len(scan.paths)} images)"
+
+
+def test_a_file_of_other_classes_exports_them_by_their_labels(tmp_path: Path) -> None:
+    """Not Galaxy10's ten classes (here three, one of them numbered 12): the folders and the manifest name
+    them by their labels, as training will."""
+    h5 = random_galaxy10(tmp_path / "three.h5", [6, 6])
+    with h5py.File(h5, "r+") as f:
+        labels = f["ans"][()]
+        labels[labels == 1] = 12
+        labels[:3] = 5
+        f["ans"][...] = labels
+    assert export(h5, tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["0", "12", "5"]
+    assert {row["class_name"] for row in read_manifest(tmp_path / "out")} == {"0", "5", "12"}
