@@ -56,7 +56,7 @@ from catalog import (
 )
 from distributed import DEVICES, native_bf16, select_device, torchrun_group
 from galaxy10 import FileCache, Galaxy10Error, Galaxy10File, open_galaxy10, run_cli
-from images import MAX_PIXELS, ImageError, ImageTooLargeError, Source, open_image  # noqa: F401
+from images import MAX_PIXELS, ImageError, ImageTooLargeError, Source, is_image_file, open_image  # noqa: F401
 from models import (
     IMAGE_EXTENSIONS,
     Checkpoint,
@@ -507,7 +507,7 @@ def find_inputs(paths: Sequence[str], path_column: str = "path", id_column: str 
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(p for p in path.rglob("*") if is_image_file(p))
             if not found:
                 inputs.problems.append(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             inputs.sources += found

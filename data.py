@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from distributed import is_main_process, this_process_part, this_process_share
 from galaxy10 import CLASS_NAMES, DATASET_INFO, Galaxy10Error
+from images import ImageError, is_image_file, open_image
 from models import IMAGE_EXTENSIONS, Preprocessing, TrainingData
 
 GPU_CACHE_SHARE = 0.5  # the image cache may take this share of free GPU memory
@@ -53,7 +53,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> FolderScan:
     labels: list[int] = []
     folders = class_folders(root)
     for label, folder in enumerate(folders):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        images = sorted(p for p in folder.iterdir() if is_image_file(p))
         paths += images
         labels += [label] * len(images)
     if not paths:
@@ -111,11 +111,11 @@ def check_classes(train: FolderScan, val: FolderScan, num_classes: int | None) -
 
 
 def read_image(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
-    """One image file as the model's uint8 input; an unreadable file is a user error naming it."""
+    """One image file as the model's uint8 input; an unreadable file is a user error naming it. Read by
+    images.open_image, as inference reads it, so a FITS cutout becomes the same pixels in both."""
     try:
-        with Image.open(path) as image:
-            return preprocessing(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return preprocessing(open_image(path))
+    except (ImageError, OSError, ValueError) as err:
         raise Galaxy10Error(f"cannot read image {path} ({err}); replace or delete it") from None
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from galaxy10 import CLASS_NAMES, Galaxy10Error, atomic_path
+from images import IMAGE_SUFFIXES
 from networks import (  # noqa: F401  (CNNModel, ARCHITECTURES: the names the README has always given here)
     ARCHITECTURE,
     ARCHITECTURES,
@@ -43,7 +44,7 @@ from networks import (  # noqa: F401  (CNNModel, ARCHITECTURES: the names the RE
 )
 from trust import Outliers
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # images.py reads them, FITS (.fits, .fit, .fits.gz, .fz) among them
 # How an image becomes model input, as every checkpoint records it beside the crop (and a torchvision
 # network's normalisation).
 PREPROCESSING = {"color": "RGB", "resize": "PIL bilinear", "scale": "uint8 / 255"}
