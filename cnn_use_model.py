@@ -16,7 +16,7 @@ float32; as a few near ties can still differ from float32, `exact=True` (`--exac
 that must equal float32's.
 
 Here: the prepared model (`InferenceModel`, `load_model`), `predict`, `main`, Grad-CAM, and the command
-line. Images are read by images.py; what a model is (network, classes, preprocessing) is its record in
+line. Images are read by images.py; what the command line was given to classify is inputs.py's; what a model is (network, classes, preprocessing) is its record in
 models.py; output files (`--out`, `--shard`, `--resume`, catalogs) are catalog.py's, given this module's
 classifying function.
 """
@@ -43,22 +43,19 @@ from tqdm import tqdm
 import trust
 from catalog import (
     BARRIER_TIMEOUT,
-    CATALOG_SUFFIXES,
     DEFAULT_CHUNK_ROWS,
-    Catalog,
     Output,
     Row,
     file_identity,
-    open_catalog,
     output_schema,
     plan_output,
     write_predictions,
 )
 from distributed import DEVICES, native_bf16, select_device, torchrun_group
-from galaxy10 import FileCache, Galaxy10Error, Galaxy10File, open_galaxy10, run_cli
+from galaxy10 import FileCache, Galaxy10Error, run_cli
 from images import MAX_PIXELS, ImageError, ImageTooLargeError, Source, is_image_file, open_image  # noqa: F401
+from inputs import H5Input, Inputs, find_inputs
 from models import (
-    IMAGE_EXTENSIONS,
     Checkpoint,
     crop_box,
     dihedral_views,
@@ -70,8 +67,6 @@ from networks import fold_batchnorm, split_at_last_conv
 from reports import format_accuracy
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
-H5_SUFFIXES = (".h5", ".hdf5")
-H5_CHUNK_ROWS = 64
 # bfloat16 moves logits by a median 0.2-0.5% of an image's logit range (max - min), with a long tail
 # (6% on one of 460 images). Where the top two are closer than 3% of the range, float32 decides: on the
 # 64 px demo model that recomputes 31% of images and halves the changed top-1 classes (4 -> 2 of 460);
@@ -429,98 +424,7 @@ def overlay_heatmap(
     return overlay
 
 
-# ---------------------------------------------------------------- command line: what to classify
-
-
-@dataclass
-class H5Input:
-    """A Galaxy10-format file: its `images` rows are classified; `ans`, where present, scores them."""
-
-    file: Galaxy10File
-    predicted: np.ndarray  # class id per row, -1 until predicted
-
-    @property
-    def rows(self) -> int:
-        return self.file.rows
-
-    def row_name(self, row: int) -> str:
-        return f"{self.file.path}#{row}"
-
-    def images(self) -> Iterator[np.ndarray]:
-        return self.file.iter_images(H5_CHUNK_ROWS)
-
-
-def open_h5(path: Path) -> H5Input:
-    """A Galaxy10-format file (an (N, H, W, 3) uint8 `images` dataset, labelled or not) to classify."""
-    file = open_galaxy10(path, complete=False)
-    return H5Input(file, np.full(file.rows, -1, dtype=np.int64))
-
-
-@dataclass
-class Inputs:
-    """Everything the command line was asked to classify, in order."""
-
-    sources: list[Path | H5Input | Catalog]
-    problems: list[str]
-
-    def rows(self) -> Iterator[Row]:
-        for source in self.sources:
-            if isinstance(source, H5Input):
-                for row, image in enumerate(source.images()):
-                    yield Row(source.row_name(row), image, tag=(source, row))
-            elif isinstance(source, Catalog):
-                yield from source.entries()
-            else:
-                yield Row(str(source), source)
-
-    def names(self) -> Iterator[str]:
-        """Every row's name, without reading an image (a catalog's rows are not printed, so not named)."""
-        for source in self.sources:
-            if isinstance(source, H5Input):
-                yield from map(source.row_name, range(source.rows))
-            elif isinstance(source, Path):
-                yield str(source)
-
-    def count(self) -> int | None:
-        """How many rows, where that is known without reading them (not for a CSV catalog)."""
-        counts = [1 if isinstance(source, Path) else source.rows for source in self.sources]
-        return None if None in counts else sum(counts)
-
-    @property
-    def catalog(self) -> Catalog | None:
-        return next((source for source in self.sources if isinstance(source, Catalog)), None)
-
-
-def find_inputs(paths: Sequence[str], path_column: str = "path", id_column: str | None = None) -> Inputs:
-    """Expand the PATH arguments: images as given, folders searched recursively, .h5 files row by row, and a
-    catalog (which comes alone) row by row."""
-    catalog = next((Path(p) for p in paths if Path(p).suffix.lower() in CATALOG_SUFFIXES), None)
-    if catalog is not None:
-        if len(paths) > 1:
-            raise Galaxy10Error(f"a catalog comes alone: classify {catalog} in a run of its own")
-        if not catalog.is_file():
-            raise Galaxy10Error(f"{catalog} not found: give the path of a CSV or Parquet catalog")
-        return Inputs([open_catalog(catalog, path_column, id_column)], [])
-    if id_column is not None:
-        raise Galaxy10Error("--id-column names a column of a catalog: give a .csv or .parquet table as PATH")
-    inputs = Inputs([], [])
-    for arg in paths:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if is_image_file(p))
-            if not found:
-                inputs.problems.append(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            inputs.sources += found
-        elif path.suffix.lower() in H5_SUFFIXES and path.is_file():
-            try:
-                inputs.sources.append(open_h5(path))
-            except Galaxy10Error as err:
-                inputs.problems.append(str(err))
-        elif path.is_file():
-            inputs.sources.append(path)
-        else:
-            inputs.problems.append(f"{path} not found")
-    return inputs
+# ---------------------------------------------------------------- command line
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -535,9 +439,6 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "min_confidence": args.min_confidence,
         "embeddings": args.embeddings is not None,
     }
-
-
-# ---------------------------------------------------------------- command line: the program
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -35,6 +35,7 @@ from PIL import Image
 import cnn
 import cnn_use_model as cum
 import data
+import inputs
 import models
 import networks
 from galaxy10 import CLASS_NAMES, FileCache, Galaxy10Error, run_cli
@@ -469,7 +470,7 @@ def write_h5(path: Path, n: int, labels: bool) -> Path:
 def test_cli_h5_rows_with_accuracy_table(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cum, "H5_CHUNK_ROWS", 4)  # rows are read in several chunks
+    monkeypatch.setattr(inputs, "H5_CHUNK_ROWS", 4)  # rows are read in several chunks
     h5 = write_h5(tmp_path / "galaxies.h5", n=30, labels=True)
     out = tmp_path / "rows.csv"
     assert run_cli(cum.cli_main, [str(h5), "--model", str(ckpt), "--csv", str(out), "--batch-size", "7"]) == 0
