@@ -16,9 +16,9 @@ float32; as a few near ties can still differ from float32, `exact=True` (`--exac
 that must equal float32's.
 
 Here: the prepared model (`InferenceModel`, `load_model`), `predict`, `main`, Grad-CAM, and the command
-line. Images are read by images.py; what the command line was given to classify is inputs.py's; what a model is (network, classes, preprocessing) is its record in
-models.py; output files (`--out`, `--shard`, `--resume`, catalogs) are catalog.py's, given this module's
-classifying function.
+line. Images are read by images.py; what the command line was given to classify is inputs.py's; what a
+model is (network, classes, preprocessing) is its record in models.py; output files (`--out`, `--shard`,
+`--resume`, catalogs) are catalog.py's, given this module's classifying function.
 """
 from __future__ import annotations
 
