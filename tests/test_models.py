@@ -299,6 +299,9 @@ def loaded_by(module: str) -> set[str]:
     ("networks", SCRIPTS | TRAINING | {"models"}),
     ("distributed", SCRIPTS | TRAINING),
     ("reports", SCRIPTS | TRAINING),
+    ("trust", SCRIPTS | TRAINING | {"models"}),
+    ("images", SCRIPTS | TRAINING | {"models"}),
+    ("inputs", SCRIPTS | TRAINING | {"models"}),
     ("catalog", SCRIPTS | TRAINING | {"models"}),  # it is given the classifying function instead
     ("cnn_use_model", TRAINING),
     ("main", TRAINING),
