@@ -19,7 +19,7 @@ PORT         ?= 8000
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 
-.PHONY: help demo pipeline serve test test-fast lint bench results clean
+.PHONY: help demo pipeline full serve test test-fast lint bench results clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -48,6 +48,10 @@ pipeline: $(RUNTIME)  ## the demo's data and training steps, without the web pag
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then profile=""; \
 	else profile="$(CPU_PROFILE)"; echo "no GPU: training the CPU profile ($(CPU_PROFILE))"; fi; \
 	$(PY) $(ROOT)cnn.py $$profile
+
+full: $(RUNTIME)  ## download Galaxy10_DECals.h5 (2.54 GB), export, balance and train on it
+	$(PY) $(ROOT)load_data.py --download --h5 "$(H5)" --out data --force
+	@$(MAKE) -f $(MAKEFILE) --no-print-directory pipeline PY=$(PY)
 
 serve: $(RUNTIME)  ## start the upload page on http://$(HOST):$(PORT)
 	$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT)

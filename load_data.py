@@ -24,9 +24,11 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from download import download
 from galaxy10 import (
     CHUNK_ROWS,
     DATASET_INFO,
+    DOWNLOAD_URL,
     OFFICIAL_SHA256,
     Galaxy10Error,
     Galaxy10File,
@@ -272,16 +274,27 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
                         help="worker processes (default: the number of CPUs)")
     parser.add_argument("--force", action="store_true", help="replace an output folder that holds files")
     parser.add_argument("--verify", action="store_true",
-                        help="check the official SHA-256 of Galaxy10_DECals.h5 first")
+                        help="check the --h5 file's SHA-256 (see --sha256) first")
+    parser.add_argument("--download", action="store_true",
+                        help="first download the --h5 file (2.54 GB) unless it is there, resuming an "
+                             "interrupted download, and check its SHA-256")
+    parser.add_argument("--url", default=None,
+                        help=f"with --download: where from, e.g. a mirror (default: {DOWNLOAD_URL})")
+    parser.add_argument("--sha256", default=OFFICIAL_SHA256,
+                        help="the SHA-256 that --download and --verify expect (default: the official file's)")
 
 
 def load_and_split(args: argparse.Namespace) -> tuple[Galaxy10File, np.ndarray]:
-    """Open and check the file (and its checksum with --verify), then split it."""
+    """Download the file (--download), open and check it (and its checksum with --verify), then split it."""
     if args.workers < 1:
         raise Galaxy10Error(f"--workers must be at least 1, got {args.workers}")
+    if args.url and not args.download:
+        raise Galaxy10Error("--url needs --download")
+    if args.download:
+        download(args.url or DOWNLOAD_URL, args.h5, args.sha256)
     source = open_galaxy10(args.h5)
     if args.verify:
-        verify_checksum(args.h5)
+        verify_checksum(args.h5, args.sha256)
     return source, split_rows(source.labels, args.val_size, args.seed)
 
 
