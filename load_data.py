@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from download import download
+from download import download, sha256_of
 from galaxy10 import (
     CHUNK_ROWS,
     DATASET_INFO,
@@ -50,19 +49,10 @@ MANIFEST_FIELDS: tuple[str, ...] = (
 
 
 def verify_checksum(path: Path, expected: str = OFFICIAL_SHA256) -> None:
-    """Compare the file's SHA-256 with the official one, with a progress bar (2.5 GB takes a while)."""
-    from tqdm import tqdm
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                    desc="sha256") as bar:
-        while block := f.read(8 << 20):
-            digest.update(block)
-            bar.update(len(block))
-    if digest.hexdigest() != expected:
-        raise Galaxy10Error(
-            f"{path} has SHA-256 {digest.hexdigest()}, not the official {expected}: download it again"
-        )
+    """Compare the file's SHA-256 with the official one (or --sha256's)."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise Galaxy10Error(f"{path} has SHA-256 {actual}, not the expected {expected}: download it again")
 
 
 # ---------------------------------------------------------------- the split
