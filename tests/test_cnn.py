@@ -551,6 +551,7 @@ def test_evaluate_flag_reports_on_an_original_checkpoint(
     assert reports[0]["per_class"] == reports[1]["per_class"]
 
 
+@pytest.mark.slow
 def test_init_from_an_original_checkpoint_starts_from_its_weights(
     data10: Path, original_model: cnn.CNNModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -564,6 +565,7 @@ def test_init_from_an_original_checkpoint_starts_from_its_weights(
     assert same_weights(load(tmp_path / "scratch.pth")["model_state_dict"], fresh.state_dict())
 
 
+@pytest.mark.slow
 def test_evaluating_and_fine_tuning_an_original_checkpoint_never_rewrite_it(
     data10: Path, original_model: cnn.CNNModel, tmp_path: Path
 ) -> None:
@@ -579,6 +581,7 @@ def test_evaluating_and_fine_tuning_an_original_checkpoint_never_rewrite_it(
     assert file_stamp(original) == before
 
 
+@pytest.mark.slow
 def test_init_from_fine_tunes_with_a_fresh_optimiser(data: Path, trained: Path, tmp_path: Path) -> None:
     assert load(trained)["optimizer_state_dict"]["state"][0]["step"] == 4  # 2 epochs of 2 steps
     assert train(tiny_args(data, tmp_path / "tuned.pth", "--epochs", "1", "--init-from", str(trained))) == 0

@@ -42,6 +42,7 @@ def body(weights: dict[str, torch.Tensor], output: str) -> dict[str, torch.Tenso
     return {name: tensor for name, tensor in weights.items() if not name.startswith(output)}
 
 
+@pytest.mark.slow
 def test_a_galaxy10_checkpoint_becomes_a_classifier_of_other_labels(
     coarse: Path, original_model: models.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -65,6 +66,7 @@ def test_a_galaxy10_checkpoint_becomes_a_classifier_of_other_labels(
     assert not same_weights(body(models.read_checkpoint(whole).weights, output), body(tuned.weights, output))
 
 
+@pytest.mark.slow
 def test_a_torchvision_network_is_fine_tuned_onto_other_labels(coarse: Path, tmp_path: Path) -> None:
     ten = tmp_path / "ten"
     colour_folders(ten / "train", classes=tuple("abcd"), per_class=2, seed=2)
@@ -93,6 +95,7 @@ def test_another_network_or_size_is_still_one_line(
     assert_one_line_error(capsys, "--freeze-body", "--init-from")
 
 
+@pytest.mark.slow
 def test_class_names_come_from_a_file_whose_count_must_match(coarse: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     names = tmp_path / "names.txt"
@@ -106,6 +109,7 @@ def test_class_names_come_from_a_file_whose_count_must_match(coarse: Path, tmp_p
     assert named == ("Disk galaxies", "Mergers", "Smooth galaxies")
 
 
+@pytest.mark.slow
 def test_three_classes_from_training_to_every_output_and_the_web_page(coarse: Path, tmp_path: Path) -> None:
     model_path = tmp_path / "models" / "coarse.pth"
     model_path.parent.mkdir()

@@ -1023,6 +1023,7 @@ def test_check_port_passes_on_a_free_port_and_leaves_it_free(monkeypatch: pytest
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.e2e
 def test_make_demo_stops_before_training_when_the_port_is_taken(taken_port: int, tmp_path: Path) -> None:
     done = subprocess.run(
         ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "demo",

@@ -163,6 +163,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_calibrates_and_reports_before_and_after(folders: Path, tmp_path: Path) -> None:
     model_path = tmp_path / "m.pth"
     args = ["--train-dir", str(folders / "train"), "--val-dir", str(folders / "val"), "--model-path",
