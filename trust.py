@@ -27,8 +27,15 @@ FLAGGED_SHARE = 0.05
 SHRINKAGE = 0.1
 
 
+# The fitted temperature stays within these. On a validation set the model gets entirely right (the
+# synthetic sample) the likelihood keeps rising as T falls toward 0, so an unbounded fit would make every
+# answer certain; below 1/4 (logits sharpened 4x) a fit is running off, not calibrating.
+TEMPERATURE_RANGE = (0.25, 20.0)
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T) on these labels."""
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) on these labels,
+    within TEMPERATURE_RANGE."""
     logits, labels = logits.detach().double(), labels.detach()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -40,7 +47,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(*TEMPERATURE_RANGE))
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:

@@ -43,6 +43,11 @@ def test_the_fitted_temperature_undoes_a_known_overconfidence() -> None:
     assert trust.nll(logits, labels, temperature) < trust.nll(logits, labels) - 0.05
 
 
+def test_a_validation_set_without_errors_does_not_make_every_answer_certain() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    assert trust.fit_temperature(logits, torch.tensor([0, 1, 0])) == trust.TEMPERATURE_RANGE[0]
+
+
 def test_entropy_and_margin_span_certain_to_uniform() -> None:
     probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1]])
     entropy, margin = trust.entropy(probs), trust.margin(probs)
