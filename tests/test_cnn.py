@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,6 @@ import pytest
 import torch
 import torchvision
 from helpers import (
-    ROOT,
     aged,
     assert_one_line_error,
     colour_folders,
@@ -103,16 +99,6 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
     assert unset == ["class_names", "weights", "preset", "init_from"]
     assert out.count("(default: the recipe's") == 2
     assert out.count("(default:") == len(FIELDS) - len(unset)
-
-
-@pytest.mark.slow
-def test_importing_cnn_has_no_side_effects(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", "import cnn"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert (result.stdout, result.stderr) == ("", "")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_class_folders_sort_numerically_and_name_galaxy10_classes(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import models
 import trust
 from galaxy10 import CLASS_NAMES, run_cli
 
-pytestmark = pytest.mark.usefixtures("cpu_inference")
+pytestmark = pytest.mark.usefixtures("cpu_inference", "one_torch_thread")
 
 
 # ---------------------------------------------------------------- the measures
