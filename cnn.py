@@ -148,13 +148,8 @@ def fit(config: Config) -> dict[str, Any]:
 def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     """--evaluate: the report of an existing checkpoint on config.val_dir, with the checkpoint's own image
     size, crop and classes."""
-    device = select_device(config.device)
-    checkpoint = read_checkpoint(config.model_path)
+    checkpoint, model, val, device = checkpoint_on_val(config)
     record = checkpoint.record
-    scan = scan_image_folder(config.val_dir)
-    record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
-    model = checkpoint.model().to(device, memory_format=torch.channels_last)
-    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
     context = {"epoch": record.metrics.epoch, "val_dir": config.val_dir, "recipe": record.recipe}
     bf16 = resolve_precision(config.precision, device, record.arch) == "bf16"
     return write_evaluation(model, val, record, config.model_path, eval_batch_size(config.batch_size, device),
@@ -164,13 +159,8 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
 def calibrate_checkpoint(config: Config) -> dict[str, Any]:
     """--calibrate: fit the temperature and the outlier statistics of an existing checkpoint (the original's
     included) on config.val_dir, and write them with its weights to <stem>.calibrated.pth, never over it."""
-    device = select_device(config.device)
-    checkpoint = read_checkpoint(config.model_path)
+    checkpoint, model, val, device = checkpoint_on_val(config)
     record = checkpoint.record
-    scan = scan_image_folder(config.val_dir)
-    record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
-    model = checkpoint.model().to(device, memory_format=torch.channels_last)
-    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
     batch_size = eval_batch_size(config.batch_size, device)
     checkpoint.record, calibration = fitted_trust(record, model, None, val, batch_size)
     calibrated = output_path(config.model_path, "calibrated.pth")
@@ -180,6 +170,19 @@ def calibrate_checkpoint(config: Config) -> dict[str, Any]:
     bf16 = resolve_precision(config.precision, device, record.arch) == "bf16"
     print(f"wrote {calibrated}")
     return write_evaluation(model, val, checkpoint.record, str(calibrated), batch_size, context, bf16)
+
+
+def checkpoint_on_val(config: Config) -> tuple[Checkpoint, nn.Module, ImageCache, torch.device]:
+    """An existing checkpoint, its model on the device, and config.val_dir decoded as the checkpoint's record
+    says (its classes checked against the folders'), for --evaluate and --calibrate."""
+    device = select_device(config.device)
+    checkpoint = read_checkpoint(config.model_path)
+    record = checkpoint.record
+    scan = scan_image_folder(config.val_dir)
+    record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
+    model = checkpoint.model().to(device, memory_format=torch.channels_last)
+    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
+    return checkpoint, model, val, device
 
 
 def fitted_trust(record: ModelRecord, model: nn.Module, train: ImageCache | None, val: ImageCache,
