@@ -13,6 +13,7 @@ H5           ?= Galaxy10_DECals.h5
 SAMPLE       ?= galaxy10_sample.h5
 SAMPLE_N     ?= 2000
 CPU_PROFILE  ?= --preset cpu
+H5_DOWNLOAD  ?=
 HOST         ?= 127.0.0.1
 PORT         ?= 8000
 
@@ -41,17 +42,16 @@ demo: $(RUNTIME)  ## sample (or Galaxy10_DECals.h5) -> export -> balance -> trai
 
 pipeline: $(RUNTIME)  ## the demo's data and training steps, without the web page
 	@set -e; \
-	if [ -f "$(H5)" ]; then h5="$(H5)"; echo "using $(H5)"; \
+	if [ -n "$(H5_DOWNLOAD)" ] || [ -f "$(H5)" ]; then h5="$(H5)"; echo "using $(H5)"; \
 	else h5="$(SAMPLE)"; $(PY) $(ROOT)sample_data.py --out "$$h5" --n $(SAMPLE_N); fi; \
-	$(PY) $(ROOT)load_data.py --h5 "$$h5" --out data --force; \
+	$(PY) $(ROOT)load_data.py $(H5_DOWNLOAD) --h5 "$$h5" --out data --force; \
 	$(PY) $(ROOT)preprocess_and_balancing.py --h5 "$$h5" --out balanced_data --force; \
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then profile=""; \
 	else profile="$(CPU_PROFILE)"; echo "no GPU: training the CPU profile ($(CPU_PROFILE))"; fi; \
 	$(PY) $(ROOT)cnn.py $$profile
 
 full: $(RUNTIME)  ## download Galaxy10_DECals.h5 (2.54 GB), export, balance and train on it
-	$(PY) $(ROOT)load_data.py --download --h5 "$(H5)" --out data --force
-	@$(MAKE) -f $(MAKEFILE) --no-print-directory pipeline PY=$(PY)
+	@$(MAKE) -f $(MAKEFILE) --no-print-directory pipeline PY=$(PY) H5_DOWNLOAD=--download
 
 serve: $(RUNTIME)  ## start the upload page on http://$(HOST):$(PORT)
 	$(PY) $(ROOT)main.py --host $(HOST) --port $(PORT)

@@ -122,3 +122,20 @@ def test_demo_runs_from_another_folder(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert log.read_text().splitlines() == demo  # the environment is up to date with requirements.txt
     assert list(work.iterdir()) == []  # nothing else ran there
+
+
+@needs_make
+def test_make_full_downloads_then_exports_once(tmp_path: Path) -> None:
+    venv, work = tmp_path / "venv", tmp_path / "work"
+    python = fake_python(venv)
+    work.mkdir()
+    work = work.resolve()
+    done = make(work, "full", f"VENV={venv}", f"PYTHON={python}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = (venv / "calls.log").read_text().splitlines()[3:]  # after the environment's set-up
+    assert calls == [
+        f"{work} {ROOT}/load_data.py --download --h5 Galaxy10_DECals.h5 --out data --force",
+        f"{work} {ROOT}/preprocess_and_balancing.py --h5 Galaxy10_DECals.h5 --out balanced_data --force",
+        f"{work} -c import sys, torch; sys.exit(not torch.cuda.is_available())",
+        f"{work} {ROOT}/cnn.py --preset cpu",
+    ]
