@@ -147,32 +147,39 @@ def test_a_merge_that_died_is_finished_by_a_rerun_once_its_claim_is_deleted(
 
 
 def assert_same_predictions(table: pa.Table, reference: pa.Table) -> None:
-    """Same schema, rows, ids, paths, classes and errors; probabilities equal to float32 rounding. Another
-    batching of the same images (shards batch other rows together) may move them in the last bits: 1e-6
-    was seen; a wrong row or model would move them by far more than 1e-5."""
+    """Same schema, rows, ids, paths, classes and errors; probabilities and embeddings equal to float32
+    rounding. Another batching or process may move them in the last bits: 1e-6 was seen; a wrong row or
+    model would move them by far more than 1e-4."""
     assert table.schema == reference.schema and table.num_rows == reference.num_rows
-    floats = [name for name in table.column_names if pa.types.is_floating(table.schema.field(name).type)]
     for name in table.column_names:
-        if name in floats:
+        kind = table.schema.field(name).type
+        if pa.types.is_floating(kind):
             np.testing.assert_allclose(table[name].to_numpy(zero_copy_only=False),
                                        reference[name].to_numpy(zero_copy_only=False), rtol=0, atol=1e-5)
+        elif pa.types.is_fixed_size_list(kind):  # the embeddings: a vector per readable row, None for the others
+            rows, expected = table[name].to_pylist(), reference[name].to_pylist()
+            assert [r is None for r in rows] == [r is None for r in expected], name
+            np.testing.assert_allclose(np.array([r for r in rows if r is not None]),
+                                       np.array([r for r in expected if r is not None]), rtol=0, atol=1e-4)
         else:
             assert table[name].to_pylist() == reference[name].to_pylist(), name
 
 
 @pytest.mark.distributed
 def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp_path: Path) -> None:
+    """With --embeddings: the --out table and the features column, both through torchrun's shards."""
     paths = [*survey_images(tmp_path, 9), "cutouts/missing.png"]
     table = write_catalog(tmp_path / "catalog.csv", {"path": paths})
     common = [str(table), "--model", str(ckpt), "--batch-size", "1", "--chunk-size", "2", "--device", "cpu"]
     single, merged, logs = tmp_path / "single.parquet", tmp_path / "merged.parquet", tmp_path / "logs"
-    assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 1
+    assert run_cli(cum.cli_main, [*common, "--embeddings", str(single)]) == 1
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "--log-dir", str(logs), "--redirects", "3"]
-    result = subprocess.run([*torchrun, str(ROOT / "cnn_use_model.py"), *common, "--out", str(merged)],
+    result = subprocess.run([*torchrun, str(ROOT / "cnn_use_model.py"), *common, "--embeddings", str(merged)],
                             capture_output=True, text=True, timeout=300, env=one_thread_env())
     assert result.returncode == 0, result.stderr  # an unreadable row must not make torchrun fail the run
     assert_same_predictions(pq.read_table(merged), pq.read_table(single))
+    assert pq.read_table(merged).column("embedding").null_count == 1  # the missing image's
     stdout = {log.parent.name: log.read_text() for log in logs.rglob("stdout.log")}
     assert f"wrote {merged} (10 rows)" in stdout["0"]
     assert "wrote" not in stdout["1"] and f"shard 1/2 done (5 rows); rank 0 writes {merged}" in stdout["1"]
@@ -182,7 +189,8 @@ def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp
 @pytest.mark.slow
 def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
-    """SIGKILL after the first chunk is on disk; images large enough that decoding the rest takes a while."""
+    """SIGKILL after the first chunk is on disk; images large enough that decoding the rest takes a while.
+    With --embeddings: the --out table and the features column, both resumed."""
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(tmp_path / f"big{i}.png")
@@ -191,17 +199,18 @@ def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_
                "--chunk-size", "4", "--batch-size", "4", "--device", "cpu"]
     killed, uninterrupted = tmp_path / "killed.parquet", tmp_path / "uninterrupted.parquet"
     env = one_thread_env()
-    process = subprocess.Popen([*command, "--out", str(killed)], env=env,
+    process = subprocess.Popen([*command, "--embeddings", str(killed)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = catalog.shard_folder(killed, catalog.Shard()) / catalog.PROGRESS
     kill_when(process, progress.exists)  # 11 of 12 chunks still ahead, each 4 decodes of 700 px
     written = catalog.read_progress(progress.parent)
     assert not written["done"] and 4 <= catalog.written_rows(written) < 48 and not killed.exists()
 
-    assert run_cli(cum.cli_main, [*command[2:], "--out", str(killed), "--resume", "--tta"]) == 2
+    assert run_cli(cum.cli_main, [*command[2:], "--embeddings", str(killed), "--resume", "--tta"]) == 2
     assert_one_line_error(capsys, "other inputs, model or options", "without --resume")
-    subprocess.run([*command, "--out", str(killed), "--resume"], env=env, check=True, capture_output=True)
-    subprocess.run([*command, "--out", str(uninterrupted)], env=env, check=True, capture_output=True)
+    subprocess.run([*command, "--embeddings", str(killed), "--resume"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([*command, "--embeddings", str(uninterrupted)], env=env, check=True, capture_output=True)
     # Exact: the same command and thread count; chunks are whole batches, so the resumed run batched every
     # row with the same others as the uninterrupted one.
     assert pq.read_table(killed).equals(pq.read_table(uninterrupted))
