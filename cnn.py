@@ -188,14 +188,17 @@ def checkpoint_on_val(config: Config) -> tuple[Checkpoint, nn.Module, ImageCache
 def fitted_trust(record: ModelRecord, model: nn.Module, train: ImageCache | None, val: ImageCache,
                  batch_size: int) -> tuple[ModelRecord, dict[str, Any]]:
     """The record with a temperature fitted on val and the statistics that flag images unlike the training
-    images (train's features, or val's where there is no train), thresholded on val (trust.py); and what
+    images (train's features thresholded on val, or val's alone, cross-fitted, where there is no train:
+    trust.py); and what
     calibration did: the val set's ECE and negative log-likelihood before and after."""
     val_features, val_logits = predict_features(model, val, batch_size)
     labels = val.labels.cpu()
     temperature = trust.fit_temperature(val_logits, labels)
-    train_features, train_labels = ((predict_features(model, train, batch_size)[0], train.labels.cpu())
-                                    if train is not None else (val_features, labels))
-    outliers = trust.fit_outliers(train_features, train_labels, val_features)
+    if train is not None:
+        train_features = predict_features(model, train, batch_size)[0]
+        outliers = trust.fit_outliers(train_features, train.labels.cpu(), val_features)
+    else:
+        outliers = trust.fit_outliers_on_val(val_features, labels)
     ece = [expected_calibration_error(labels.numpy(), (val_logits / t).softmax(1).double().numpy())
            for t in (1.0, temperature)]
     calibration = {"temperature": temperature, "ece_before": ece[0], "ece_after": ece[1],

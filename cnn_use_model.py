@@ -63,7 +63,7 @@ from models import (
     to_model_input,
     to_rgb8,
 )
-from networks import fold_batchnorm, split_at_last_conv
+from networks import StagedNetwork, fold_batchnorm, staged
 from reports import format_accuracy
 
 DEFAULT_MODEL = "based_on_balanced_data_model.pth"
@@ -90,15 +90,20 @@ class _Cast(nn.Module):
         return x.to(self.dtype)
 
 
-def _low_precision_copy(body: nn.Module, head: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
-    """The network computing in `dtype` up to the head's first Linear (DeepCNN-5Block's 32768x2048 at 256 px:
-    89% of its weights, which a batch-1 pass must read in full), then float32 for the small layers. The
-    output layer is always float32, so the penultimate features (its input) are float32 too."""
+def _precision_pass(stages: list[nn.Module], head: nn.Sequential, dtype: torch.dtype) -> StagedNetwork:
+    """The network (BatchNorm folded into `stages`) computing in `dtype` up to the head's first Linear
+    (DeepCNN-5Block's 32768x2048 at 256 px: 89% of its weights, which a batch-1 pass must read in full), then
+    float32 for the small layers. The output layer is always float32, so the penultimate features (its input)
+    are float32 too; the stage summaries are averaged in float32."""
     layers = list(head)
     first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) + 1
     first_linear = min(first_linear, len(layers) - 1)  # a torchvision network's only Linear is its output
-    low = copy.deepcopy(nn.Sequential(body, *layers[:first_linear])).to(dtype)
-    return nn.Sequential(_Cast(dtype, channels_last=True), *low, _Cast(torch.float32), *layers[first_linear:])
+    low = nn.ModuleList([*stages, *layers[:first_linear]])
+    if dtype != torch.float32:
+        low = copy.deepcopy(low).to(dtype)
+    first = nn.Sequential(_Cast(dtype, channels_last=True), low[0])
+    tail = nn.Sequential(*low[len(stages):], _Cast(torch.float32), *layers[first_linear:])
+    return StagedNetwork([first, *low[1:len(stages)]], tail).eval().requires_grad_(False)
 
 
 class InferenceModel:
@@ -107,20 +112,18 @@ class InferenceModel:
     `preprocess`."""
 
     def __init__(self, checkpoint: Checkpoint, name: str, device: torch.device) -> None:
-        body, head = split_at_last_conv(checkpoint.model())
+        network = staged(checkpoint.model())
         self.name = name
         self.record = checkpoint.record
         self.class_names = checkpoint.record.class_names
         self.device = device
-        # body: images to the last convolutional stage, with BatchNorm folded; head: pooling, classifier.
-        self.body = fold_batchnorm(body).to(device, memory_format=torch.channels_last)
-        self.head = head.to(device)
-        self.fp32 = nn.Sequential(_Cast(torch.float32, channels_last=True), self.body, *self.head)
-        self.bf16 = (
-            _low_precision_copy(self.body, self.head, torch.bfloat16) if native_bf16(device) else self.fp32
-        )
-        for module in (self.fp32, self.bf16):
-            module.eval().requires_grad_(False)
+        # The body's stages with BatchNorm folded, then the head (pooling, classifier); float32, and a
+        # bfloat16 copy where the device computes it natively.
+        stages = [fold_batchnorm(stage).to(device, memory_format=torch.channels_last)
+                  for stage in network.stages]
+        head = network.head.to(device)
+        self.fp32 = _precision_pass(stages, head, torch.float32)
+        self.bf16 = _precision_pass(stages, head, torch.bfloat16) if native_bf16(device) else self.fp32
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The uint8 (3, S, S) tensor this model sees of an image: its training's preprocessing."""
@@ -136,7 +139,7 @@ class InferenceModel:
     @property
     def embedding_size(self) -> int:
         """The width of the penultimate features: the input of the output layer."""
-        return self.head[-1].in_features
+        return self.fp32.head[-1].in_features
 
     def classify(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -144,20 +147,20 @@ class InferenceModel:
         record's temperature, and which images lie unlike the training set (None where the record has no
         statistics for it), and their penultimate features (B, D), the embedding. With `tta`, the
         probabilities are averaged over the 8 flips and quarter turns (one forward pass of 8B images); with
-        `exact`, float32 throughout. The distance to the training set is read from the penultimate features
-        the pass computes anyway, of the image as it is (not turned)."""
+        `exact`, float32 throughout. How unlike the training set an image is, is read from the features the
+        pass computes anyway (networks.StagedNetwork), of the image as it is (not turned)."""
         x = to_model_input(images.to(self.device))
         views = dihedral_views(x) if tta else x
         network = self.fp32 if exact else self.bf16
         with torch.inference_mode():
-            hidden = network[:-1](views)
-            logits = network[-1](hidden)
+            features, logits = network(views)
             if network is not self.fp32:
                 logits = self._settle_near_ties(views, logits)
             probs = (logits / self.record.temperature).softmax(dim=1)
-            embedding = hidden[: len(images)].float()
+            features = [space[: len(images)] for space in features]
             outliers = self.record.outliers
-            unlike = None if outliers is None else outliers.unlike(embedding).cpu()
+            unlike = None if outliers is None else outliers.unlike(features).cpu()
+            embedding = features[-1]
         if tta:
             probs = probs.view(8, len(images), -1).mean(dim=0)
         return probs.cpu(), unlike, embedding.cpu()
@@ -168,7 +171,7 @@ class InferenceModel:
         spread = logits.max(dim=1).values - logits.min(dim=1).values
         doubtful = top2[:, 0] - top2[:, 1] < NEAR_TIE * spread
         if doubtful.any():
-            logits[doubtful] = self.fp32(x[doubtful])
+            logits[doubtful] = self.fp32(x[doubtful])[1]
         return logits
 
     def grad_cam(self, image: torch.Tensor, class_id: int | None
@@ -181,13 +184,14 @@ class InferenceModel:
         the leaf that autograd differentiates to, so no hook touches the shared model and threads do not
         interfere.
         """
-        x = to_model_input(image[None].to(self.device)).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(image[None].to(self.device))
+        network = self.fp32
         with torch.no_grad():
-            activation = self.body(x)
+            summaries, activation = network.through_body(x)
         activation.requires_grad_(True)
         with torch.enable_grad():
-            features = self.head[:-1](activation)
-            logits = self.head[-1](features)
+            features = network.head[:-1](activation)
+            logits = network.head[-1](features)
             target = int(logits[0].argmax()) if class_id is None else class_id
             (gradient,) = torch.autograd.grad(logits[0, target], activation)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
@@ -198,7 +202,7 @@ class InferenceModel:
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
         probs = (logits.detach()[0] / self.record.temperature).softmax(dim=0).cpu()
         outliers = self.record.outliers
-        unlike = None if outliers is None else outliers.unlike(features.detach()).cpu()
+        unlike = None if outliers is None else outliers.unlike([*summaries, features.detach()]).cpu()
         return probs, cam.clamp_(0, 1).float().cpu().numpy(), unlike
 
 

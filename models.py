@@ -42,7 +42,7 @@ from networks import (  # noqa: F401  (CNNModel, ARCHITECTURES: the names the RE
     build_model,
     by_title,
 )
-from trust import Outliers
+from trust import Gaussian, Outliers
 
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # images.py reads them, FITS (.fits, .fit, .fits.gz, .fz) among them
 # How an image becomes model input, as every checkpoint records it beside the crop (and a torchvision
@@ -270,7 +270,8 @@ class ModelRecord:
             "epochs_trained": self.metrics.epochs_trained,
             "temperature": self.temperature,
             "outliers": None if self.outliers is None else {
-                "means": self.outliers.means, "precision": self.outliers.precision,
+                "spaces": [{"means": g.means, "precision": g.precision} for g in self.outliers.spaces],
+                "centre": list(self.outliers.centre), "scale": list(self.outliers.scale),
                 "threshold": self.outliers.threshold},
         }
 
@@ -298,8 +299,21 @@ class ModelRecord:
             ),
             settings=settings,
             temperature=float(checkpoint.get("temperature", 1.0)),
-            outliers=None if checkpoint.get("outliers") is None else Outliers(**checkpoint["outliers"]),
+            outliers=_outliers(checkpoint.get("outliers")),
         )
+
+
+def _outliers(saved: Mapping[str, Any] | None) -> Outliers | None:
+    """The unlike-training statistics; a record from before the feature ensemble held the penultimate
+    features' Gaussian and a threshold on its distance, which is that one space's score with centre 0 and
+    scale 1 on the log distance."""
+    if saved is None:
+        return None
+    if "spaces" not in saved:
+        return Outliers((Gaussian(saved["means"], saved["precision"]),), (0.0,), (1.0,),
+                        math.log(max(saved["threshold"], 1e-12)))
+    return Outliers(tuple(Gaussian(space["means"], space["precision"]) for space in saved["spaces"]),
+                    tuple(saved["centre"]), tuple(saved["scale"]), float(saved["threshold"]))
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -1,9 +1,10 @@
 """The networks on offer, by their --arch name in `ARCHITECTURES`: DeepCNN-5Block (`deepcnn5`, `CNNModel`),
 the original project's five blocks of three convolutions, and torchvision's networks built from scratch by
 `torchvision.models.get_model` (`TorchvisionNet`, which normalises its input as ImageNet weights expect).
-`build_model` makes any of them; `split_at_last_conv` cuts one where Grad-CAM looks; `fold_batchnorm`
-prepares one for inference; `--weights` starts a torchvision network from ImageNet's or a state-dict file's
-weights (`load_pretrained`). A new network goes into `ARCHITECTURES`. It imports none of the scripts.
+`build_model` makes any of them; `split_at_last_conv` cuts one where Grad-CAM looks; `staged` cuts one into
+the stages whose features trust.py scores; `fold_batchnorm` prepares one for inference; `--weights` starts a
+torchvision network from ImageNet's or a state-dict file's weights (`load_pretrained`). A new network goes
+into `ARCHITECTURES`. It imports none of the scripts.
 """
 from __future__ import annotations
 
@@ -181,11 +182,57 @@ def split_at_last_conv(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
     return body, nn.Sequential(children["avgpool"], *flatten, *classifier)
 
 
-def penultimate(model: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
-    """The network as (features, output layer): the first maps images to the penultimate features, the input
-    of the last Linear layer, which trust.py measures distances in. output(features(x)) is model(x)."""
+class StagedNetwork(nn.Module):
+    """A network as the stages of its body, each ending at the last activation of one resolution, then its
+    head. forward(x) is (features, logits): logits as the network gives them, and features, what trust.py
+    scores images by: every stage but the last averaged over the image (its statistics at that scale), then
+    the penultimate features (the input of the output layer, which also summarise the last stage). The
+    features come in float32 whatever the stages compute in."""
+
+    def __init__(self, stages: Sequence[nn.Module], head: nn.Sequential) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def through_body(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The stage summaries and the last stage's activation, where Grad-CAM looks."""
+        summaries = []
+        for stage in self.stages[:-1]:
+            x = stage(x)
+            summaries.append(x.mean(dim=(2, 3), dtype=torch.float32))
+        return summaries, self.stages[-1](x)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        summaries, activation = self.through_body(x)
+        hidden = self.head[:-1](activation).float()
+        return [*summaries, hidden], self.head[-1](hidden)
+
+
+def staged(model: nn.Module) -> StagedNetwork:
+    """The network cut into stages (StagedNetwork): staged(model)(x)[1] is model(x)."""
     body, head = split_at_last_conv(model)
-    return nn.Sequential(body, *head[:-1]), head[-1]
+    return StagedNetwork(stages_by_resolution(body), head)
+
+
+def stages_by_resolution(body: nn.Sequential) -> list[nn.Sequential]:
+    """The body (its layers, with those of nested Sequentials: a ResNet's blocks, an EfficientNet's stages)
+    cut after the last layer at each resolution; the input normalisation is no stage of its own. Where the
+    resolution changes is read off one pass of a 256 px image on the meta device (shapes only, no work)."""
+    layers = [inner for layer in body for inner in (layer if isinstance(layer, nn.Sequential) else (layer,))]
+    x, sides = torch.zeros(1, 3, 256, 256, device="meta"), []
+    for layer in layers:
+        shapes = {name: torch.empty_like(t, device="meta")
+                  for name, t in [*layer.named_parameters(), *layer.named_buffers()]}
+        x = torch.func.functional_call(layer, shapes, (x,))
+        sides.append(x.shape[-1])
+    stages, current = [], []
+    for i, layer in enumerate(layers):
+        current.append(layer)
+        last_at_side = i + 1 < len(layers) and sides[i + 1] != sides[i]
+        if last_at_side and not isinstance(layer, Normalize):
+            stages.append(nn.Sequential(*current))
+            current = []
+    return [*stages, nn.Sequential(*current)]
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

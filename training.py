@@ -46,7 +46,7 @@ from models import (
     resume_path,
     to_model_input,
 )
-from networks import last_linear_name, load_pretrained, penultimate
+from networks import last_linear_name, load_pretrained, staged
 from reports import write_history
 
 LABEL_SMOOTHING = 0.1
@@ -161,16 +161,17 @@ def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool
 @torch.inference_mode()
 def predict_features(
     model: nn.Module, cache: ImageCache, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 penultimate features and logits for every cached image, in cache order (no augmentation)."""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """float32 features (networks.StagedNetwork's, one (N, D) tensor per space) and logits for every cached
+    image, in cache order (no augmentation)."""
     model.eval()
-    features, output = penultimate(model)
-    rows, logits = [], []
+    network = staged(model)
+    batches, logits = [], []
     for images, _ in iterate_batches(cache, batch_size):
-        row = features(to_model_input(images).contiguous(memory_format=torch.channels_last)).float()
-        rows.append(row)
-        logits.append(output(row))
-    return torch.cat(rows).cpu(), torch.cat(logits).cpu()
+        features, batch_logits = network(to_model_input(images).contiguous(memory_format=torch.channels_last))
+        batches.append(features)
+        logits.append(batch_logits.float())
+    return [torch.cat(space).cpu() for space in zip(*batches, strict=True)], torch.cat(logits).cpu()
 
 
 def evaluate(

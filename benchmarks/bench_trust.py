@@ -16,10 +16,13 @@ a model that never saw it, and measures:
 - the shares of held-out galaxies flagged unlike-training and uncertain (cnn_use_model.predict_batch);
 - the share of non-galaxy images flagged unlike-training, per kind: a seeded set of noise, empty sky,
   star fields, colour gradients and pieces of everyday photographs (scikit-learn's two sample images);
-- which score separates galaxies from non-galaxies better: the Mahalanobis distance in the penultimate
-  features (what ships, trust.py) or the energy score (Liu et al. 2020, -logsumexp(logits), T = 1), each
-  thresholded at its own 95th percentile of the fold's validation galaxies, and each one's AUROC of
-  held-out galaxies against non-galaxies;
+- which score separates galaxies from non-galaxies better: the feature ensemble (what ships, trust.py:
+  Mahalanobis distances in every stage's features, combined), the Mahalanobis distance in the penultimate
+  features alone, or the energy score (Liu et al. 2020, -logsumexp(logits), T = 1), each thresholded at
+  its own 95th percentile of the fold's validation galaxies, and each one's AUROC of held-out galaxies
+  against non-galaxies;
+- the ECE that a perfectly calibrated model with the same confidences shows on as many galaxies by
+  chance alone (ece_floor);
 - the demo model (`make demo`'s: sample_data.py, preprocess_and_balancing.py, `cnn.py --preset cpu`),
   trained on synthetic galaxies, on all 555 real ones: how many it flags, and its accuracy.
 
@@ -50,12 +53,17 @@ from bench_real import REAL_FOLDERS, SHARED, pack_galaxy10, real_images, run_scr
 from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
 
 KINDS = ("uniform noise", "Gaussian noise", "empty sky", "star field", "colour gradient", "photograph")
-FLAGGED_QUANTILE = 0.95  # trust.FLAGGED_SHARE's threshold, for both scores
+FLAGGED_QUANTILE = 0.95  # trust.FLAGGED_SHARE's threshold, for every score
+# The unlike-training scores compared: what ships (trust.py: the Mahalanobis distances in every stage's
+# features, combined), the Mahalanobis distance in the penultimate features alone (Lee et al. 2018's
+# basic form, what shipped first), and the energy score (Liu et al. 2020).
+SCORES = ("ensemble", "penultimate", "energy")
 TARGETS = {"ece_after": 0.05, "real_unlike": 0.10, "nongalaxy_unlike": 0.90}
 COLUMNS = [
     {"key": "accuracy", "label": "accuracy", "format": ".1%"},
     {"key": "ece_before", "label": "ECE, T = 1", "format": ".3f"},
     {"key": "ece_after", "label": "ECE, fitted T", "format": ".3f"},
+    {"key": "ece_floor", "label": "ECE of a calibrated model, by chance", "format": ".3f"},
     {"key": "nll_before", "label": "NLL, T = 1", "format": ".3f"},
     {"key": "nll_after", "label": "NLL, fitted T", "format": ".3f"},
     {"key": "temperature", "label": "T", "format": ".2f"},
@@ -146,28 +154,31 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- one model, measured
 
 
-def network_scores(model_path: Path, images: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw logits (N, C) and the Mahalanobis distance (N,) of the checkpoint's network for PIL images or
-    RGB arrays, float32 throughout, from its penultimate features (networks.penultimate)."""
+def network_scores(model_path: Path, images: Sequence[object]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Raw logits (N, C) of the checkpoint's network for PIL images or RGB arrays, float32 throughout, and
+    two unlike-training scores (N,) from its features (networks.StagedNetwork): the feature ensemble that
+    ships (trust.Outliers.score) and the Mahalanobis distance in the penultimate features alone."""
     import torch
     from PIL import Image
 
     from models import read_checkpoint, to_model_input
-    from networks import penultimate
+    from networks import staged
 
     checkpoint = read_checkpoint(model_path)
-    features, output = penultimate(checkpoint.model())
+    network = staged(checkpoint.model().eval())
     outliers = checkpoint.record.outliers
-    logits, distances = [], []
+    logits, ensemble, penultimate = [], [], []
     with torch.inference_mode():
         for start in range(0, len(images), 64):
             batch = torch.stack([checkpoint.record.preprocessing(
                 image if isinstance(image, Image.Image) else Image.fromarray(image))
                 for image in images[start:start + 64]])
-            rows = features(to_model_input(batch)).float()
-            logits.append(output(rows).double())
-            distances.append(outliers.distance(rows))
-    return torch.cat(logits).numpy(), torch.cat(distances).numpy()
+            features, batch_logits = network(to_model_input(batch))
+            logits.append(batch_logits.double())
+            ensemble.append(outliers.score(features))
+            penultimate.append(outliers.spaces[-1].distance(features[-1]))
+    return torch.cat(logits).numpy(), {"ensemble": torch.cat(ensemble).numpy(),
+                                       "penultimate": torch.cat(penultimate).numpy()}
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
@@ -187,6 +198,18 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     from scipy.special import log_softmax
 
     return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels].mean())
+
+
+def ece_floor(probs: np.ndarray, draws: int = 1000, seed: int = 0) -> float:
+    """The ECE that a perfectly calibrated model with these confidences shows on this many images by chance
+    alone: its mean over `draws` sets of outcomes in which each answer is right with its own confidence."""
+    from reports import expected_calibration_error
+
+    rng = np.random.default_rng(seed)
+    best, confidence = probs.argmax(1), probs.max(1)
+    wrong = (best + 1) % probs.shape[1]  # any other class
+    outcomes = (np.where(rng.random(len(probs)) < confidence, best, wrong) for _ in range(draws))
+    return float(np.mean([expected_calibration_error(labels, probs) for labels in outcomes]))
 
 
 def open_rgb(path: Path) -> object:
@@ -218,9 +241,9 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
     other_images = [image for _, image in others]
     kinds = np.array([kind for kind, _ in others])
 
-    real_logits, real_distance = network_scores(model_path, real_images)
-    other_logits, other_distance = network_scores(model_path, other_images)
-    val_logits, val_distance = network_scores(model_path, [open_rgb(p) for p in val.paths])
+    real_logits, real_scores = network_scores(model_path, real_images)
+    other_logits, other_scores = network_scores(model_path, other_images)
+    val_logits, val_scores = network_scores(model_path, [open_rgb(p) for p in val.paths])
     # What a user gets: the shipped flags, float32 (exact) for reproducible figures.
     real_flags = [p.flag for p in predict_batch(real_images, model_path, exact=True, device="cpu")]
     other_flags = [p.flag for p in predict_batch(other_images, model_path, exact=True, device="cpu")]
@@ -233,20 +256,20 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
         "n_real": len(real), "n_val": len(val.paths), "temperature": temperature,
         "accuracy": float((after.argmax(1) == labels).mean()),
         "ece_before": expected_calibration_error(labels, before),
-        "ece_after": expected_calibration_error(labels, after),
+        "ece_after": expected_calibration_error(labels, after), "ece_floor": ece_floor(after),
         "nll_before": nll(real_logits, labels, 1.0), "nll_after": nll(real_logits, labels, temperature),
         "real_unlike": float(real_unlike.mean()),
         "real_uncertain": float(np.mean([f == trust.UNCERTAIN for f in real_flags])),
         "nongalaxy_unlike": float(other_unlike.mean()),
         "nongalaxy_unlike_by_kind": {kind: float(other_unlike[kinds == kind].mean()) for kind in KINDS},
         "record_threshold": shipped,
-        # The shipped flag against this benchmark's own distance: they differ only by float rounding.
-        "flag_disagreements": int((real_unlike != (real_distance > shipped)).sum()
-                                  + (other_unlike != (other_distance > shipped)).sum()),
+        # The shipped flag against this benchmark's own score: they differ only by float rounding.
+        "flag_disagreements": int((real_unlike != (real_scores["ensemble"] > shipped)).sum()
+                                  + (other_unlike != (other_scores["ensemble"] > shipped)).sum()),
     }
     truth = np.r_[np.zeros(len(real)), np.ones(len(others))]
     for name, real_score, other_score, val_score in (
-            ("mahalanobis", real_distance, other_distance, val_distance),
+            *((name, real_scores[name], other_scores[name], val_scores[name]) for name in SCORES[:2]),
             ("energy", energy(real_logits), energy(other_logits), energy(val_logits))):
         threshold = float(np.quantile(val_score, FLAGGED_QUANTILE))
         result[name] = {
@@ -257,7 +280,7 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
                                          for kind in KINDS},
             "auroc": float(roc_auc_score(truth, np.r_[real_score, other_score])),
         }
-    result["auroc"] = result["mahalanobis"]["auroc"]
+    result["auroc"] = result["ensemble"]["auroc"]
     # Kept for pooling the folds' held-out predictions.
     result["pool"] = {"labels": labels.tolist(), "logits": real_logits.tolist(),
                       "unlike": real_unlike.tolist(), "flags": real_flags}
@@ -338,7 +361,7 @@ def pooled(runs: list[dict]) -> dict:
         "n": len(labels),
         "accuracy": float((after.argmax(1) == labels).mean()),
         "ece_before": expected_calibration_error(labels, before),
-        "ece_after": expected_calibration_error(labels, after),
+        "ece_after": expected_calibration_error(labels, after), "ece_floor": ece_floor(after),
         "nll_before": float(np.average([b for b, _ in nlls], weights=sizes)),
         "nll_after": float(np.average([a for _, a in nlls], weights=sizes)),
         "real_unlike": float(np.mean([f == "unlike-training" for f in flags])),
@@ -360,12 +383,13 @@ def result_rows(runs: list[dict], demo: dict | None, cmd: str, fold_flags: list[
     pool = pooled(runs)
     k = len(runs)
     cnn = "python cnn.py " + " ".join(fold_flags) + "  (each fold: trained on the other folds)"
-    per_fold = ("accuracy", "ece_before", "ece_after", "nll_before", "nll_after", "temperature",
+    per_fold = ("accuracy", "ece_before", "ece_after", "ece_floor", "nll_before", "nll_after", "temperature",
                 "real_unlike", "real_uncertain", "nongalaxy_unlike", "auroc")
     rows = [
         record.row(f"held-out real galaxies, pooled ({pool['n']}, {k} folds)", cmd,
-                   {key: pool[key] for key in ("accuracy", "ece_before", "ece_after", "nll_before",
-                                               "nll_after", "real_unlike", "real_uncertain")}, cnn=cnn,
+                   {key: pool[key] for key in ("accuracy", "ece_before", "ece_after", "ece_floor",
+                                               "nll_before", "nll_after", "real_unlike", "real_uncertain")},
+                   cnn=cnn,
                    highlight=True, headline={"label": "calibration error (ECE) on held-out real galaxies, "
                                                       "`--preset real-cpu`", "metric": "ece_after"}),
         record.row(f"per fold (mean ± std over {k})", cmd, {key: over_folds(runs, key) for key in per_fold},
@@ -374,7 +398,8 @@ def result_rows(runs: list[dict], demo: dict | None, cmd: str, fold_flags: list[
     ]
     rows += [record.row(f"non-galaxies: {kind}", cmd, {"nongalaxy_unlike": over_folds(
         runs, "nongalaxy_unlike", kind=kind)}, cnn=cnn) for kind in KINDS]
-    for score, name in (("mahalanobis", "Mahalanobis distance (ships)"), ("energy", "energy score, T = 1")):
+    for score, name in zip(SCORES, ("feature ensemble (ships)", "Mahalanobis distance, penultimate features "
+                                    "only", "energy score, T = 1"), strict=True):
         metrics = {key: over_folds(runs, key, score) for key in ("real_unlike", "nongalaxy_unlike", "auroc")}
         rows.append(record.row(f"{name}, val 95th percentile", cmd, metrics, cnn=cnn))
     if demo is not None:
@@ -389,17 +414,18 @@ def print_summary(runs: list[dict], demo: dict | None) -> None:
     pool = pooled(runs)
     print(f"\nheld-out real galaxies, pooled over {len(runs)} folds ({pool['n']} images): "
           f"accuracy {pool['accuracy']:.1%}, ECE {pool['ece_before']:.3f} -> {pool['ece_after']:.3f} "
-          f"(target <= {TARGETS['ece_after']}), NLL {pool['nll_before']:.3f} -> {pool['nll_after']:.3f}; "
+          f"(target <= {TARGETS['ece_after']}; a calibrated model's by chance: {pool['ece_floor']:.3f}), "
+          f"NLL {pool['nll_before']:.3f} -> {pool['nll_after']:.3f}; "
           f"flagged unlike-training {pool['real_unlike']:.1%} (target <= {TARGETS['real_unlike']:.0%}), "
           f"uncertain {pool['real_uncertain']:.1%}")
-    for key in ("accuracy", "ece_before", "ece_after", "nll_before", "nll_after", "temperature",
+    for key in ("accuracy", "ece_before", "ece_after", "ece_floor", "nll_before", "nll_after", "temperature",
                 "real_unlike", "real_uncertain", "nongalaxy_unlike"):
         values = [r[key] for r in runs]
         print(f"  per fold {key}: {show(values)}  ({', '.join(f'{v:.3f}' for v in values)})")
     print(f"non-galaxies flagged unlike-training (target >= {TARGETS['nongalaxy_unlike']:.0%}):")
     for kind in KINDS:
         print(f"  {kind}: {show([r['nongalaxy_unlike_by_kind'][kind] for r in runs])}")
-    for score in ("mahalanobis", "energy"):
+    for score in SCORES:
         print(f"{score} at its val 95th percentile: real flagged "
               f"{show([r[score]['real_unlike'] for r in runs])}, non-galaxies flagged "
               f"{show([r[score]['nongalaxy_unlike'] for r in runs])}, AUROC "

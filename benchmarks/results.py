@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,9 +121,10 @@ def headline(files: list[dict], page: str = "docs/results.md") -> str:
 
 def render_page(files: list[dict], template: str) -> str:
     text = template.replace("{{headline}}", headline(files, "results.md").rsplit("\n\n", 1)[0])
-    for section in {d.get("section", "bench") for d in files} | {"real", "demo", "bench"}:
+    placed = set(re.findall(r"\{\{section:(\w+)\}\}", text))
+    for section in {d.get("section", "bench") for d in files} | placed:
         chosen = [render_file(d) for d in files if d.get("section", "bench") == section]
-        text = text.replace(f"{{{{section:{section}}}}}", "\n\n".join(chosen))
+        text = text.replace(f"{{{{section:{section}}}}}", "\n\n".join(chosen) or "*Not measured yet.*")
     return f"{GENERATED}\n\n{text.rstrip()}\n"
 
 

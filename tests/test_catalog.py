@@ -156,7 +156,7 @@ def assert_same_predictions(table: pa.Table, reference: pa.Table) -> None:
         if pa.types.is_floating(kind):
             np.testing.assert_allclose(table[name].to_numpy(zero_copy_only=False),
                                        reference[name].to_numpy(zero_copy_only=False), rtol=0, atol=1e-5)
-        elif pa.types.is_fixed_size_list(kind):  # the embeddings: a vector per readable row, None for the others
+        elif pa.types.is_fixed_size_list(kind):  # embeddings: a vector per readable row, else None
             rows, expected = table[name].to_pylist(), reference[name].to_pylist()
             assert [r is None for r in rows] == [r is None for r in expected], name
             np.testing.assert_allclose(np.array([r for r in rows if r is not None]),

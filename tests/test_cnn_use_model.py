@@ -162,15 +162,16 @@ def test_optimised_model_matches_the_plain_model(ckpt64: Path, exact: bool) -> N
 
 
 @pytest.mark.usefixtures("native_bf16")
-class FixedOutput(torch.nn.Module):
-    """An output layer that gives these logits whatever its input."""
+class FixedLogits(torch.nn.Module):
+    """A network pass that gives these logits whatever its input, with another pass's features."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, network: torch.nn.Module, logits: torch.Tensor) -> None:
         super().__init__()
+        self.network = network
         self.logits = logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits.clone()
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.network(x)[0], self.logits.clone()
 
 
 def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
@@ -182,10 +183,10 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     # (near ties, decided in float32); rows 1 and 3: 50% apart (kept).
     logits = torch.tensor([[5.0, 4.9, -5.0], [5.0, 0.0, -5.0], [-5.0, 4.9, 5.0], [0.0, 5.0, -5.0]])
     logits = torch.nn.functional.pad(logits, (0, 7), value=-5.0)
-    monkeypatch.setattr(model, "bf16", torch.nn.Sequential(torch.nn.Flatten(), FixedOutput(logits)))
+    monkeypatch.setattr(model, "bf16", FixedLogits(model.fp32, logits))
     probs = model.probabilities(images)
     with torch.inference_mode():
-        fp32 = model.fp32(cum.to_model_input(images)).softmax(1)
+        fp32 = model.fp32(cum.to_model_input(images))[1].softmax(1)
     # float32 over 2 images here and 4 there: equal up to the last bits (oneDNN may pick other kernels
     # for another batch size); not rechecking would leave the fake logits' softmax, off by far more.
     torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=1e-5)
@@ -605,7 +606,7 @@ def test_torchvision_networks_are_prepared_for_inference_and_explained_by_grad_c
     path = torchvision_checkpoint(tmp_path / f"{arch}.pth", arch)
     model = cum.load_model(path)
     assert model.record.arch == arch and model.record.crop == 0.8 and model.bf16 is not model.fp32
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.body.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.fp32.stages.modules())
     images = [Image.fromarray(galaxy_array(seed, size=48)) for seed in range(8)]
     plain = models.read_checkpoint(path).model()
     batch = torch.stack([image_to_tensor(image, 32, 0.8) for image in images])

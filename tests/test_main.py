@@ -1040,9 +1040,10 @@ def trust_checkpoint(path: Path, temperature: float, flag_everything: bool | Non
     and outlier statistics that flag every image (True), none (False), or no statistics at all (None)."""
     colour_checkpoint(path)
     checkpoint = models.read_checkpoint(path)
-    width = networks.penultimate(checkpoint.model())[1].in_features
+    width = networks.staged(checkpoint.model()).head[-1].in_features
+    space = trust.Gaussian(torch.zeros(len(CLASS_NAMES), width), torch.eye(width))  # the penultimate's
     outliers = None if flag_everything is None else trust.Outliers(
-        torch.zeros(len(CLASS_NAMES), width), torch.eye(width), -1.0 if flag_everything else math.inf)
+        (space,), (0.0,), (1.0,), -math.inf if flag_everything else math.inf)
     checkpoint.record = dataclasses.replace(
         checkpoint.record, temperature=temperature, outliers=outliers,
         trained_on=models.TrainingData("balanced_data/train", 2380, synthetic=True))

@@ -59,13 +59,58 @@ def test_outliers_flag_the_share_asked_of_validation_and_far_images() -> None:
     generator = torch.Generator().manual_seed(1)
     labels = torch.arange(3).repeat(200)
     centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
-    features = centres[labels] + torch.randn(600, 4, generator=generator)
-    val = centres[labels[:300]] + torch.randn(300, 4, generator=generator)
-    outliers = trust.fit_outliers(features, labels, val, flagged_share=0.05)
+
+    def galaxies(n: int) -> list[torch.Tensor]:  # two feature spaces, as a network's stages give them
+        return [centres[labels[:n]] + torch.randn(n, 4, generator=generator),
+                torch.randn(n, 6, generator=generator)]
+
+    train, val = galaxies(600), galaxies(300)
+    outliers = trust.fit_outliers(train, labels, val, flagged_share=0.05)
     assert outliers.unlike(val).float().mean().item() == pytest.approx(0.05, abs=0.01)
-    far = 20 * torch.randn(100, 4, generator=generator)
+    far = [20 * torch.randn(100, 4, generator=generator), 20 * torch.randn(100, 6, generator=generator)]
     assert outliers.unlike(far).float().mean().item() > 0.9
-    assert not outliers.unlike(centres).any()  # the class means themselves are as usual as it gets
+    # Far in one space only (the early stages see noise that the penultimate features miss): still flagged.
+    assert outliers.unlike([far[0], galaxies(100)[1]]).float().mean().item() > 0.9
+    assert outliers.unlike([galaxies(100)[0], far[1]]).float().mean().item() > 0.9
+    usual = [centres, torch.zeros(3, 6)]  # the class means themselves are as usual as it gets
+    assert not outliers.unlike(usual).any()
+    # Given more spaces than it was fitted on, it scores the last ones: a record with the penultimate
+    # features' statistics only (an older checkpoint) works with a network that gives every stage's.
+    penultimate_only = trust.fit_outliers(train[1:], labels, val[1:], flagged_share=0.05)
+    assert torch.equal(penultimate_only.unlike(far), penultimate_only.unlike(far[1:]))
+
+
+def test_statistics_fitted_on_the_validation_images_alone_do_not_flag_new_images_like_them() -> None:
+    """--calibrate has no training images: 80 images in 60 dimensions lie far closer to the Gaussian fitted
+    on them than new images from the same distribution do, so a threshold set on them in-sample flags most
+    new images; cross-fitted, about the share asked."""
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(2).repeat(40)
+
+    def images(n: int) -> list[torch.Tensor]:
+        return [torch.randn(n, 60, generator=generator) + labels[:n, None] * 2.0]
+
+    val, new = images(80), images(80)
+    in_sample = trust.fit_outliers(val, labels, val, flagged_share=0.05)
+    assert in_sample.unlike(new).float().mean() > 0.5
+    cross_fitted = trust.fit_outliers_on_val(val, labels, flagged_share=0.05)
+    assert cross_fitted.unlike(new).float().mean() < 0.2
+    assert cross_fitted.unlike([40 * torch.randn(20, 60, generator=generator)]).all()
+
+
+def test_a_record_from_before_the_feature_ensemble_flags_as_it_did(tmp_path: Path) -> None:
+    """Its penultimate Gaussian and threshold on the distance: the same images flagged as then."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.arange(2).repeat(50)
+    features = torch.randn(100, 5, generator=generator) + labels[:, None] * 3.0
+    space = trust.fit_gaussian(features, labels)
+    images = torch.randn(200, 5, generator=generator) * 2
+    old_threshold = float(torch.quantile(space.distance(features), 0.9))
+    saved = {"means": space.means, "precision": space.precision, "threshold": old_threshold}
+    record = models.ModelRecord.from_dict({**models.read_checkpoint(spread_checkpoint(
+        tmp_path / "m.pth", size=32)).record.to_dict(), "outliers": saved})
+    assert record.outliers is not None
+    assert torch.equal(record.outliers.unlike([images]), space.distance(images) > old_threshold)
 
 
 @pytest.mark.parametrize(("confidence", "unlike", "flag"), [
@@ -86,15 +131,15 @@ def calibrated_copy(source: Path, path: Path, temperature: float, outliers: trus
     return path
 
 
-def features_of(path: Path, images: list[np.ndarray]) -> torch.Tensor:
-    """The plain float32 model's penultimate features of these images (what the statistics are fitted on)."""
+def features_of(path: Path, images: list[np.ndarray]) -> list[torch.Tensor]:
+    """The plain float32 model's features of these images, per space (what the statistics are fitted on)."""
     import networks
 
     checkpoint = models.read_checkpoint(path)
-    features, _ = networks.penultimate(checkpoint.model())
+    network = networks.staged(checkpoint.model().eval())
     batch = torch.stack([checkpoint.record.preprocessing(Image.fromarray(a)) for a in images])
     with torch.no_grad():
-        return features(models.to_model_input(batch))
+        return network(models.to_model_input(batch))[0]
 
 
 @pytest.fixture(scope="module")
