@@ -76,6 +76,14 @@ COLUMNS = [
 ]
 
 
+def real_images_here() -> bool:
+    """Whether ../shared holds the real images; where not, one line says so (the benchmark then exits 0)."""
+    if all((SHARED / name / "labels.csv").is_file() for name in REAL_FOLDERS):
+        return True
+    print(f"skipped: the real images are not here (expected {SHARED}/{{{','.join(REAL_FOLDERS)}}})")
+    return False
+
+
 def real_images() -> list[tuple[Path, int]]:
     """(image, class id) for every labelled real image in ../shared."""
     rows = []
@@ -180,8 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if not all((SHARED / name / "labels.csv").is_file() for name in REAL_FOLDERS):
-        print(f"skipped: the real images are not here (expected {SHARED}/{{{','.join(REAL_FOLDERS)}}})")
+    if not real_images_here():
         return
     rows = [parse_row(text) for text in (args.row or SWEEPS[args.sweep])]
     runs = []

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import record  # noqa: E402
-from bench_real import REAL_FOLDERS, SHARED, pack_galaxy10, real_images, run_script  # noqa: E402
+from bench_real import pack_galaxy10, real_images, real_images_here, run_script  # noqa: E402
 
 from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
 
@@ -481,8 +481,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if not all((SHARED / name / "labels.csv").is_file() for name in REAL_FOLDERS):
-        print(f"skipped: the real images are not here (expected {SHARED}/{{{','.join(REAL_FOLDERS)}}})")
+    if not real_images_here():
         return
     started = time.perf_counter()
     fold_flags = ["--preset", "real-cpu", "--seed", str(args.seed)]
