@@ -112,9 +112,11 @@ class InferenceModel:
     `preprocess`."""
 
     def __init__(self, checkpoint: Checkpoint, name: str, device: torch.device) -> None:
-        network = staged(checkpoint.model())
-        self.name = name
         self.record = checkpoint.record
+        # Only the features the record scores are computed: the penultimate (the embedding) at least.
+        outliers = self.record.outliers
+        network = staged(checkpoint.model(), features=1 if outliers is None else len(outliers.spaces))
+        self.name = name
         self.class_names = checkpoint.record.class_names
         self.device = device
         # The body's stages with BatchNorm folded, then the head (pooling, classifier); float32, and a

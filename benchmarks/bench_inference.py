@@ -5,14 +5,17 @@
 Measures, in one run on one randomly initialised 256 px checkpoint (304 MB, in a temporary folder):
 (a) the original's per-call path (torch.load, build the model, predict one image; its 1 s sleep is
 reported separately), (b) the plain float32 eager model, warm, (c) `cnn_use_model.predict`, warm, by
-default (bfloat16 where the CPU has it) and with exact=True (float32), (b) and (c) interleaved call by
-call so that load from other processes hits them alike, and (d) batch throughput including PNG decoding.
+default (bfloat16 where the CPU has it), with exact=True (float32), and on a copy of the checkpoint with
+what `cnn.py --calibrate` adds (issue 24's target: the unlike-training score may cost at most 10%), (b) and
+(c) interleaved call by call so that load from other processes hits them alike, and (d) batch throughput
+including PNG decoding.
 Also checks that both modes of `predict` pick the same class as the plain model on every sample image.
 Prints a table and writes its rows to benchmarks/results/bench_inference.json (`make results` renders it).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import record  # noqa: E402
 
 import cnn_use_model  # noqa: E402
+import trust  # noqa: E402
 from galaxy10 import CLASS_NAMES  # noqa: E402
 from models import (  # noqa: E402
     DEFAULT_ARCH,
@@ -42,6 +46,7 @@ from models import (  # noqa: E402
     read_checkpoint,
     to_model_input,
 )
+from networks import staged  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 ORIGINAL_SLEEP_S = 1.0
@@ -50,6 +55,7 @@ COLUMNS = [
     {"key": "p90_ms", "label": "p90 ms", "format": ".1f"},
     {"key": "batch_images_per_s", "label": "batches with decoding, images/s", "format": ".1f"},
     {"key": "top1_identical", "label": "top-1 as plain fp32 (real images)", "format": ""},
+    {"key": "trust_cost", "label": "time vs predict() without trust statistics", "format": "+.1%"},
 ]
 
 
@@ -88,6 +94,19 @@ def write_random_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
     model = CNNModel(image_size=256)
     Checkpoint(ModelRecord(DEFAULT_ARCH, CLASS_NAMES, Preprocessing(256)), model.state_dict()).save(path)
+
+
+def write_trusted_checkpoint(source: Path, path: Path, images: list[Path]) -> None:
+    """The same network with what `cnn.py --calibrate` adds: a temperature and the unlike-training
+    statistics (every stage's, fitted on the sample images' features the way --calibrate fits them), so that
+    predict() can be timed with and without them."""
+    checkpoint = read_checkpoint(source)
+    x = torch.stack([image_to_tensor(Image.open(p), 256) for p in images])
+    with torch.no_grad():
+        features, logits = staged(checkpoint.model().eval())(to_model_input(x))
+    outliers = trust.fit_outliers_on_val(features, logits.argmax(1))
+    record = dataclasses.replace(checkpoint.record, temperature=1.5, outliers=outliers)
+    Checkpoint(record, checkpoint.weights).save(path)
 
 
 def original_call(image_path: Path, model_path: Path) -> int:
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = folder / "random_256.pth"
         write_random_checkpoint(ckpt)
         images = sample_images(max(args.batch_images, 8), folder)
+        trusted = folder / "random_256_calibrated.pth"
+        write_trusted_checkpoint(ckpt, trusted, images)
         single = images[0]
 
         original = [timed(lambda: original_call(single, ckpt)) for _ in range(args.original_calls)]
@@ -143,14 +164,19 @@ def main(argv: list[str] | None = None) -> None:
             plain(single)
             cnn_use_model.predict(single, ckpt)
             cnn_use_model.predict(single, ckpt, exact=True)
-        times: dict[str, list[float]] = {"plain": [], "predict": [], "predict_exact": []}
+            cnn_use_model.predict(single, trusted)
+        times: dict[str, list[float]] = {"plain": [], "predict": [], "predict_exact": [], "predict_trust": []}
         for i in range(args.calls):
             image = images[i % len(images)]
             times["plain"].append(timed(lambda: plain(image)))  # noqa: B023 (called at once)
             times["predict"].append(timed(lambda: cnn_use_model.predict(image, ckpt)))  # noqa: B023
             times["predict_exact"].append(timed(lambda: cnn_use_model.predict(image, ckpt, exact=True)))  # noqa: B023
+            times["predict_trust"].append(timed(lambda: cnn_use_model.predict(image, trusted)))  # noqa: B023
         for name, seconds in times.items():
             results[f"{name}_warm"] = summary(seconds)
+        # Paired call by call, as the calls were interleaved: the cost of scoring every stage's features.
+        results["trust_cost"] = statistics.median(
+            t / p for t, p in zip(times["predict_trust"], times["predict"], strict=True)) - 1
 
         batch = images[: args.batch_images]
         plain_batch_s = timed(lambda: plain_batch(plain_model, batch, args.batch_size))
@@ -182,6 +208,8 @@ def result_rows(r: dict, cmd: str) -> list[dict]:
         record.row("predict()", cmd, {**warm("predict_warm"),
                                       "batch_images_per_s": r["predict_batch_images_per_s"],
                                       **top1("fidelity")}),
+        record.row("predict(), with what --calibrate adds", cmd, {**warm("predict_trust_warm"),
+                                                                   "trust_cost": r["trust_cost"]}),
         record.row("predict(exact=True)", cmd, {**warm("predict_exact_warm"),
                                                 "batch_images_per_s": r["predict_batch_exact_images_per_s"],
                                                 **top1("fidelity_exact")}),
@@ -227,6 +255,8 @@ def report(r: dict) -> None:
         ("(b) plain fp32 eager, warm (median/p90)", f"{plain['median_ms']:.1f} / {plain['p90_ms']:.1f} ms",
          f"{plain['median_ms'] / ours['median_ms']:.2f}x"),
         ("(c) predict(), warm (median/p90)", f"{ours['median_ms']:.1f} / {ours['p90_ms']:.1f} ms", "1.00x"),
+        ("(c) predict(), with --calibrate's statistics", f"{r['predict_trust_warm']['median_ms']:.1f} / "
+         f"{r['predict_trust_warm']['p90_ms']:.1f} ms", f"{r['trust_cost']:+.1%} (paired)"),
         ("(c) predict(exact=True), warm", f"{r['predict_exact_warm']['median_ms']:.1f} / "
          f"{r['predict_exact_warm']['p90_ms']:.1f} ms",
          f"{r['predict_exact_warm']['median_ms'] / ours['median_ms']:.2f}x slower"),

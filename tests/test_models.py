@@ -65,6 +65,29 @@ def test_every_network_splits_where_grad_cam_looks_and_folds_its_batchnorm(arch:
     torch.testing.assert_close(head(folded(x)), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
+@torch.no_grad()
+def test_the_staged_network_gives_every_scales_features_and_the_models_logits(arch: str) -> None:
+    """A feature per resolution, its channels averaged, then the penultimate features; asked for fewer
+    (a record scoring fewer spaces), the last ones, the same numbers, from fewer cuts."""
+    torch.manual_seed(0)
+    model = randomised_batchnorm(models.build_model(arch, 10, 64))
+    x = torch.rand(2, 3, 64, 64)
+    network = networks.staged(model)
+    features, logits = network(x)
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    assert len(features) == len(network.stages) >= 4  # DeepCNN-5Block: 5 resolutions
+    assert features[-1].shape == (2, network.head[-1].in_features)
+    first = network.stages[0](x)
+    torch.testing.assert_close(features[0], first.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    for count in (1, 3):
+        fewer, fewer_logits = networks.staged(model, features=count)(x)
+        assert len(fewer) == count
+        for ours, full in zip(fewer, features[-count:], strict=True):
+            torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fewer_logits, logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_torchvision_network_is_torchvisions_own_after_imagenet_normalisation() -> None:
     torch.manual_seed(0)
     ours = models.build_model("resnet18", 10, 64).eval()
