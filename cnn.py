@@ -189,8 +189,7 @@ def fitted_trust(record: ModelRecord, model: nn.Module, train: ImageCache | None
                  batch_size: int) -> tuple[ModelRecord, dict[str, Any]]:
     """The record with a temperature fitted on val and the statistics that flag images unlike the training
     images (train's features thresholded on val, or val's alone, cross-fitted, where there is no train:
-    trust.py); and what
-    calibration did: the val set's ECE and negative log-likelihood before and after."""
+    trust.py); and what calibration did: the val set's ECE and negative log-likelihood before and after."""
     val_features, val_logits = predict_features(model, val, batch_size)
     labels = val.labels.cpu()
     temperature = trust.fit_temperature(val_logits, labels)

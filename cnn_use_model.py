@@ -94,7 +94,7 @@ def _precision_pass(stages: list[nn.Module], head: nn.Sequential, dtype: torch.d
     """The network (BatchNorm folded into `stages`) computing in `dtype` up to the head's first Linear
     (DeepCNN-5Block's 32768x2048 at 256 px: 89% of its weights, which a batch-1 pass must read in full), then
     float32 for the small layers. The output layer is always float32, so the penultimate features (its input)
-    are float32 too; the stage summaries are averaged in float32."""
+    are float32 too, as are the stage summaries (networks.spatial_mean)."""
     layers = list(head)
     first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) + 1
     first_linear = min(first_linear, len(layers) - 1)  # a torchvision network's only Linear is its output
@@ -112,13 +112,13 @@ class InferenceModel:
     `preprocess`."""
 
     def __init__(self, checkpoint: Checkpoint, name: str, device: torch.device) -> None:
+        self.name = name
         self.record = checkpoint.record
+        self.class_names = checkpoint.record.class_names
+        self.device = device
         # Only the features the record scores are computed: the penultimate (the embedding) at least.
         outliers = self.record.outliers
         network = staged(checkpoint.model(), features=1 if outliers is None else len(outliers.spaces))
-        self.name = name
-        self.class_names = checkpoint.record.class_names
-        self.device = device
         # The body's stages with BatchNorm folded, then the head (pooling, classifier); float32, and a
         # bfloat16 copy where the device computes it natively.
         stages = [fold_batchnorm(stage).to(device, memory_format=torch.channels_last)

@@ -4,9 +4,9 @@ unlike the training set an image is, in the network's own features at every scal
 body the activations averaged over the image, and its penultimate features, each space's Mahalanobis distance
 to the nearest class mean under one shared covariance, combined (Lee et al. 2018's feature ensemble; the
 penultimate features alone miss noise and empty sky: docs/results.md, "Trust"); inference applies them.
-Every answer
-also gets its uncertainty: the normalised entropy of its probabilities (0 certain, 1 uniform) and the margin
-between its two best classes, and one flag: ok, uncertain (confidence under a threshold) or unlike-training.
+Every answer also gets its uncertainty: the normalised entropy of its probabilities (0 certain, 1 uniform)
+and the margin between its two best classes, and one flag: ok, uncertain (confidence under a threshold) or
+unlike-training.
 It imports no model code: what it fits and applies travels in the checkpoint's record (models.py).
 """
 from __future__ import annotations
@@ -134,9 +134,8 @@ class Outliers:
     def score(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mean standardised log distance (N,) of feature rows given per space (each N x D)."""
         used = features[len(features) - len(self.spaces):]
-        z = [(log_distance(space, rows) - centre) / scale
-             for space, rows, centre, scale in zip(self.spaces, used, self.centre, self.scale, strict=True)]
-        return torch.stack(z).mean(0)
+        logs = [log_distance(space, rows) for space, rows in zip(self.spaces, used, strict=True)]
+        return standardised_mean(logs, self.centre, self.scale)
 
     def unlike(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.score(features) > self.threshold
@@ -144,6 +143,12 @@ class Outliers:
 
 def log_distance(space: Gaussian, features: torch.Tensor) -> torch.Tensor:
     return space.distance(features).clamp(min=1e-12).log()
+
+
+def standardised_mean(logs: Sequence[torch.Tensor], centre: Sequence[float],
+                      scale: Sequence[float]) -> torch.Tensor:
+    """The score: each space's log distances standardised by its centre and scale, averaged over spaces."""
+    return torch.stack([(v - c) / s for v, c, s in zip(logs, centre, scale, strict=True)]).mean(0)
 
 
 def fit_outliers(train_features: Sequence[torch.Tensor], train_labels: torch.Tensor,
@@ -183,7 +188,7 @@ def thresholded(spaces: tuple[Gaussian, ...], logs: Sequence[torch.Tensor], flag
     scale = tuple(float(v.std()) if len(v) > 1 and float(v.std()) > 0 else 1.0 for v in logs)
     if not len(logs[0]):
         return Outliers(spaces, centre, scale, math.inf)
-    scores = torch.stack([(v - c) / s for v, c, s in zip(logs, centre, scale, strict=True)]).mean(0)
+    scores = standardised_mean(logs, centre, scale)
     return Outliers(spaces, centre, scale, float(torch.quantile(scores, 1 - flagged_share)))
 
 

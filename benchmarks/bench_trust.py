@@ -60,6 +60,10 @@ FLAGGED_QUANTILE = 0.95  # trust.FLAGGED_SHARE's threshold, for every score
 # basic form, what shipped first), and the energy score (Liu et al. 2020).
 SCORES = ("ensemble", "penultimate", "energy")
 TARGETS = {"ece_after": 0.05, "real_unlike": 0.10, "nongalaxy_unlike": 0.90}
+# What each fold's model gives, averaged over the folds.
+PER_FOLD = ("accuracy", "ece_before", "ece_after", "ece_floor", "nll_before", "nll_after", "temperature",
+            "hindsight_temperature", "ece_hindsight", "real_unlike", "real_uncertain", "nongalaxy_unlike",
+            "auroc")
 COLUMNS = [
     {"key": "accuracy", "label": "accuracy", "format": ".1%"},
     {"key": "ece_before", "label": "ECE, T = 1", "format": ".3f"},
@@ -396,9 +400,6 @@ def result_rows(runs: list[dict], demo: dict | None, cmd: str, fold_flags: list[
     pool = pooled(runs)
     k = len(runs)
     cnn = "python cnn.py " + " ".join(fold_flags) + "  (each fold: trained on the other folds)"
-    per_fold = ("accuracy", "ece_before", "ece_after", "ece_floor", "nll_before", "nll_after", "temperature",
-                "hindsight_temperature", "ece_hindsight", "real_unlike", "real_uncertain", "nongalaxy_unlike",
-                "auroc")
     rows = [
         record.row(f"held-out real galaxies, pooled ({pool['n']}, {k} folds)", cmd,
                    {key: pool[key] for key in ("accuracy", "ece_before", "ece_after", "ece_floor",
@@ -407,7 +408,7 @@ def result_rows(runs: list[dict], demo: dict | None, cmd: str, fold_flags: list[
                    cnn=cnn,
                    highlight=True, headline={"label": "calibration error (ECE) on held-out real galaxies, "
                                                       "`--preset real-cpu`", "metric": "ece_after"}),
-        record.row(f"per fold (mean ± std over {k})", cmd, {key: over_folds(runs, key) for key in per_fold},
+        record.row(f"per fold (mean ± std over {k})", cmd, {key: over_folds(runs, key) for key in PER_FOLD},
                    cnn=cnn, headline={"label": "non-galaxy images flagged unlike-training, "
                                                "`--preset real-cpu`", "metric": "nongalaxy_unlike"}),
     ]
@@ -418,7 +419,7 @@ def result_rows(runs: list[dict], demo: dict | None, cmd: str, fold_flags: list[
         metrics = {key: over_folds(runs, key, score) for key in ("real_unlike", "nongalaxy_unlike", "auroc")}
         rows.append(record.row(f"{name}, val 95th percentile", cmd, metrics, cnn=cnn))
     if demo is not None:
-        metrics = {key: demo[key] for key in per_fold}
+        metrics = {key: demo[key] for key in PER_FOLD}
         rows.append(record.row(f"demo model (synthetic sample) on the {demo['n_real']} real galaxies", cmd,
                                metrics, cnn=f"python sample_data.py --n {sample_n}; python "
                                f"preprocess_and_balancing.py; python cnn.py {' '.join(demo_flags)}"))
@@ -433,9 +434,7 @@ def print_summary(runs: list[dict], demo: dict | None) -> None:
           f"NLL {pool['nll_before']:.3f} -> {pool['nll_after']:.3f}; "
           f"flagged unlike-training {pool['real_unlike']:.1%} (target <= {TARGETS['real_unlike']:.0%}), "
           f"uncertain {pool['real_uncertain']:.1%}")
-    for key in ("accuracy", "ece_before", "ece_after", "ece_floor", "nll_before", "nll_after", "temperature",
-                "hindsight_temperature", "ece_hindsight", "real_unlike", "real_uncertain",
-                "nongalaxy_unlike"):
+    for key in PER_FOLD:
         values = [r[key] for r in runs]
         print(f"  per fold {key}: {show(values)}  ({', '.join(f'{v:.3f}' for v in values)})")
     print(f"non-galaxies flagged unlike-training (target >= {TARGETS['nongalaxy_unlike']:.0%}):")
