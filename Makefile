@@ -25,10 +25,12 @@ DEV     := $(VENV)/.dev-installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-$(RUNTIME): $(ROOT)requirements.txt
+# The galaxy10 package (the library the scripts import) is installed editable: changes take effect at once.
+$(RUNTIME): $(ROOT)requirements.txt $(ROOT)pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r $(ROOT)requirements.txt
+	$(PY) -m pip install -q --no-deps -e $(ROOT)
 	touch $@
 
 $(DEV): $(RUNTIME) $(ROOT)requirements-dev.txt

@@ -32,17 +32,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from galaxy10 import synthetic
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.export import save_png
+from galaxy10.models import Checkpoint, ModelRecord
+from galaxy10.networks import DEFAULT_ARCH, CNNModel
+from galaxy10.preprocessing import Preprocessing
+
+import record
+from bench_export import measure
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import record  # noqa: E402
-from bench_export import measure  # noqa: E402
-
-import sample_data  # noqa: E402
-from galaxy10 import CLASS_NAMES  # noqa: E402
-from load_data import save_png  # noqa: E402
-from models import CNNModel  # noqa: E402
-from tests.helpers import save_model_checkpoint  # noqa: E402
 
 SPEED_COLUMNS = [{"key": "images_per_s", "label": "images/s", "format": ".0f"},
                  {"key": "images_per_s_after_startup", "label": "after startup", "format": ".0f"},
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def export_pngs(folder: Path, count: int, size: int) -> list[str]:
     """`count` sample galaxies as PNG files in folder/png; their paths relative to `folder`."""
     h5 = folder / "sample.h5"
-    sample_data.write_sample(h5, n=max(count, 20), seed=0, image_size=size, progress=False)
+    synthetic.write_sample(h5, n=max(count, 20), seed=0, image_size=size, progress=False)
     (folder / "png").mkdir()
     with h5py.File(h5, "r") as file:
         for i in range(count):
@@ -88,7 +88,9 @@ def write_catalog(path: Path, images: list[str], rows: int) -> Path:
 
 def write_model(path: Path, size: int) -> Path:
     torch.manual_seed(0)
-    return save_model_checkpoint(path, CNNModel(image_size=size))
+    record = ModelRecord(DEFAULT_ARCH, CLASS_NAMES, Preprocessing(size))
+    Checkpoint(record, CNNModel(image_size=size).state_dict()).save(path)
+    return path
 
 
 def run(mode: list[str], threads: int, catalog: Path, model: Path, out: Path) -> tuple[float, float]:

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import psutil
 
+from galaxy10 import synthetic
+
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import record  # noqa: E402
-
-import sample_data  # noqa: E402
-
 COLUMNS = [
     {"key": "images", "label": "images", "format": ","},
     {"key": "image_size", "label": "px", "format": "d"},
@@ -37,6 +35,7 @@ ORIGINAL = """
 import os, sys, h5py, numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
+
 h5, out = sys.argv[1], sys.argv[2]
 with h5py.File(h5, "r") as f:
     images, labels = np.array(f["images"]), np.array(f["ans"])
@@ -80,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         h5 = Path(tmp) / "sample.h5"
         print(f"generating {args.n} sample images at {args.image_size} px ...", flush=True)
-        sample_data.write_sample(h5, n=args.n, seed=0, image_size=args.image_size, progress=False)
+        synthetic.write_sample(h5, n=args.n, seed=0, image_size=args.image_size, progress=False)
         runs = {
             "original (whole array, one PNG at a time)":
                 measure([sys.executable, "-c", ORIGINAL, str(h5), f"{tmp}/original"]),

@@ -35,14 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxy10.errors import run_cli
+
+import record
+from bench_real import pack_galaxy10, real_images, real_images_here, run_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import record  # noqa: E402
-from bench_real import pack_galaxy10, real_images, real_images_here, run_script  # noqa: E402
-
-from galaxy10 import run_cli  # noqa: E402
 
 # The coarse label set: its names, in label order, and the Galaxy10 classes each one gathers.
 COARSE = {"disturbed or merging": (0, 1), "smooth": (2, 3, 4), "disk": (5, 6, 7, 8, 9)}
@@ -91,7 +89,7 @@ def class_folders(rows: list[tuple[Path, int]], folder: Path) -> Path:
 
 def train(data: Path, flags: list[str], model_path: Path, names: Path | None) -> float:
     """cnn.py on an exported, balanced folder; the training seconds its report gives."""
-    from models import output_path
+    from galaxy10.models import output_path
 
     extra = ["--class-names", str(names)] if names else []
     run_script(str(ROOT / "cnn.py"), *flags, *extra, "--train-dir", str(data / "train"),
@@ -101,7 +99,7 @@ def train(data: Path, flags: list[str], model_path: Path, names: Path | None) ->
 
 def evaluate(model_path: Path, test: Path, names: Path) -> dict:
     """cnn.py --evaluate on the held-out coarse folder: its accuracy and macro-F1."""
-    from models import output_path
+    from galaxy10.models import output_path
 
     run_script(str(ROOT / "cnn.py"), "--evaluate", "--model-path", str(model_path), "--val-dir", str(test),
                "--class-names", str(names))

@@ -1,10 +1,10 @@
-"""Inference speed at 256 px on this machine's CPU: the original per-call path against cnn_use_model.
+"""Inference speed at 256 px on this machine's CPU: the original per-call path against inference.
 
     python benchmarks/bench_inference.py
 
 Measures, in one run on one randomly initialised 256 px checkpoint (304 MB, in a temporary folder):
 (a) the original's per-call path (torch.load, build the model, predict one image; its 1 s sleep is
-reported separately), (b) the plain float32 eager model, warm, (c) `cnn_use_model.predict`, warm, by
+reported separately), (b) the plain float32 eager model, warm, (c) `inference.predict`, warm, by
 default (bfloat16 where the CPU has it), with exact=True (float32), and on a copy of the checkpoint with
 what `cnn.py --calibrate` adds (issue 24's target: the unlike-training score may cost at most 10%), (b) and
 (c) interleaved call by call so that load from other processes hits them alike, and (d) batch throughput
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,25 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from galaxy10 import inference, trust
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.distributed import native_bf16
+from galaxy10.models import Checkpoint, ModelRecord, read_checkpoint
+from galaxy10.networks import DEFAULT_ARCH, CNNModel, staged
+from galaxy10.preprocessing import Preprocessing, image_to_tensor, to_model_input
+
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import record  # noqa: E402
-
-import cnn_use_model  # noqa: E402
-import trust  # noqa: E402
-from galaxy10 import CLASS_NAMES  # noqa: E402
-from models import (  # noqa: E402
-    DEFAULT_ARCH,
-    Checkpoint,
-    CNNModel,
-    ModelRecord,
-    Preprocessing,
-    image_to_tensor,
-    read_checkpoint,
-    to_model_input,
-)
-from networks import staged  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 ORIGINAL_SLEEP_S = 1.0
@@ -143,7 +133,7 @@ def summary(seconds: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results: dict[str, object] = {"threads": torch.get_num_threads(), "load_average_before": os.getloadavg(),
-                                  "bf16": cnn_use_model.native_bf16(torch.device("cpu"))}
+                                  "bf16": native_bf16(torch.device("cpu"))}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         ckpt = folder / "random_256.pth"
@@ -158,20 +148,20 @@ def main(argv: list[str] | None = None) -> None:
 
         plain_model = read_checkpoint(ckpt).model()
         plain = plain_call(plain_model)
-        load_s = timed(lambda: cnn_use_model.load_model(ckpt))
+        load_s = timed(lambda: inference.load_model(ckpt))
         results["first_load_s"] = load_s
         for _ in range(3):  # warm-up: oneDNN builds its kernels on the first calls
             plain(single)
-            cnn_use_model.predict(single, ckpt)
-            cnn_use_model.predict(single, ckpt, exact=True)
-            cnn_use_model.predict(single, trusted)
+            inference.predict(single, ckpt)
+            inference.predict(single, ckpt, exact=True)
+            inference.predict(single, trusted)
         times: dict[str, list[float]] = {"plain": [], "predict": [], "predict_exact": [], "predict_trust": []}
         for i in range(args.calls):
             image = images[i % len(images)]
             times["plain"].append(timed(lambda: plain(image)))  # noqa: B023 (called at once)
-            times["predict"].append(timed(lambda: cnn_use_model.predict(image, ckpt)))  # noqa: B023
-            times["predict_exact"].append(timed(lambda: cnn_use_model.predict(image, ckpt, exact=True)))  # noqa: B023
-            times["predict_trust"].append(timed(lambda: cnn_use_model.predict(image, trusted)))  # noqa: B023
+            times["predict"].append(timed(lambda: inference.predict(image, ckpt)))  # noqa: B023
+            times["predict_exact"].append(timed(lambda: inference.predict(image, ckpt, exact=True)))  # noqa: B023
+            times["predict_trust"].append(timed(lambda: inference.predict(image, trusted)))  # noqa: B023
         for name, seconds in times.items():
             results[f"{name}_warm"] = summary(seconds)
         # Paired call by call, as the calls were interleaved: the cost of scoring every stage's features.
@@ -180,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
         batch = images[: args.batch_images]
         plain_batch_s = timed(lambda: plain_batch(plain_model, batch, args.batch_size))
-        ours_batch_s = timed(lambda: cnn_use_model.predict_batch(batch, ckpt, batch_size=args.batch_size))
-        exact_batch_s = timed(lambda: cnn_use_model.predict_batch(batch, ckpt, batch_size=args.batch_size,
+        ours_batch_s = timed(lambda: inference.predict_batch(batch, ckpt, batch_size=args.batch_size))
+        exact_batch_s = timed(lambda: inference.predict_batch(batch, ckpt, batch_size=args.batch_size,
                                                                   exact=True))
         results["plain_batch_images_per_s"] = len(batch) / plain_batch_s
         results["predict_batch_images_per_s"] = len(batch) / ours_batch_s
@@ -232,7 +222,7 @@ def fidelity(plain_model: CNNModel, ckpt: Path, exact: bool) -> dict[str, object
     sources = sorted(REAL_IMAGES.glob("*")) if REAL_IMAGES.is_dir() else []
     if not sources:
         return {"images": 0}
-    ours = cnn_use_model.predict_batch(sources, ckpt, exact=exact)
+    ours = inference.predict_batch(sources, ckpt, exact=exact)
     x = torch.stack([image_to_tensor(Image.open(p), 256) for p in sources])
     with torch.no_grad():
         logits = torch.cat([plain_model(to_model_input(x[i : i + 8])) for i in range(0, len(x), 8)])

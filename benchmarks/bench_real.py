@@ -37,13 +37,14 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from galaxy10.dataset import META_FIELDS
+from galaxy10.errors import run_cli
+from galaxy10.models import output_path
+from galaxy10.networks import ARCHITECTURES
+
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import record  # noqa: E402
-
-from galaxy10 import META_FIELDS, run_cli  # noqa: E402
-from models import ARCHITECTURES, output_path  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 REAL_FOLDERS = ("real_galaxy10", "real_galaxy10_mini")

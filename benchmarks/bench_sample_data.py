@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from galaxy10 import synthetic
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
 
-import record  # noqa: E402
-
-import sample_data  # noqa: E402
-from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
+import record
 
 COLUMNS = [
     {"key": "images", "label": "images", "format": ","},
@@ -44,7 +43,7 @@ def render_ms_per_class(image_size: int, per_class: int) -> dict[str, float]:
         for i in range(per_class):
             rng = np.random.default_rng([0, label, i])
             start = time.perf_counter()
-            sample_data.render_galaxy(label, rng, image_size)
+            synthetic.render_galaxy(label, rng, image_size)
             samples.append((time.perf_counter() - start) * 1000)
         timings[name] = float(np.median(samples))
     return timings
@@ -55,7 +54,7 @@ def time_write(n: int, image_size: int, workers: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench_sample_data-") as folder:
         path = Path(folder) / "sample.h5"
         start = time.perf_counter()
-        sample_data.write_sample(path, n=n, image_size=image_size, workers=workers)
+        synthetic.write_sample(path, n=n, image_size=image_size, workers=workers)
         wall = time.perf_counter() - start
         size = path.stat().st_size
     return {"wall_s": wall, "images_per_s": n / wall, "file_gb": size / 1e9}
@@ -72,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=20,
                         help="images per class for the single-process render timing (default: 20)")
     args = parser.parse_args(argv)
-    sample_data.class_counts(args.n)  # a bad --n fails here, before the timings
+    synthetic.class_counts(args.n)  # a bad --n fails here, before the timings
 
     per_class = render_ms_per_class(args.image_size, args.per_class)
     write = time_write(args.n, args.image_size, args.workers)

@@ -31,13 +31,14 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.models import Checkpoint, ModelRecord
+from galaxy10.networks import DEFAULT_ARCH, CNNModel
+from galaxy10.preprocessing import Preprocessing
+
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
-
-import record  # noqa: E402
-
-from galaxy10 import CLASS_NAMES  # noqa: E402
-from models import DEFAULT_ARCH, Checkpoint, CNNModel, ModelRecord, Preprocessing  # noqa: E402
 
 REAL_IMAGES = ROOT.parent / "shared" / "real_galaxy10" / "images"
 MODEL_NAME = "based_on_balanced_data_model"

@@ -34,20 +34,20 @@ from torch import nn
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import record  # noqa: E402
-
-import cnn  # noqa: E402
-from config import RECIPES, Config  # noqa: E402
-from data import ImageCache, build_cache, iterate_batches, scan_image_folder  # noqa: E402
-from distributed import (
-    DEVICES,  # noqa: E402
-    native_bf16,  # noqa: E402
+from galaxy10.config import RECIPES, Config
+from galaxy10.data import ImageCache, build_cache, iterate_batches, scan_image_folder
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.distributed import (
+    DEVICES,
+    native_bf16,
 )
-from galaxy10 import CLASS_NAMES, Galaxy10Error, run_cli  # noqa: E402
-from models import ARCHITECTURES, Preprocessing, build_model  # noqa: E402
-from training import LABEL_SMOOTHING, MAX_GRAD_NORM, make_optimizer, make_scheduler, train_step  # noqa: E402
+from galaxy10.errors import Galaxy10Error, run_cli
+from galaxy10.fitting import training_device
+from galaxy10.networks import ARCHITECTURES, CNNModel, build_model
+from galaxy10.preprocessing import Preprocessing
+from galaxy10.training import LABEL_SMOOTHING, MAX_GRAD_NORM, make_optimizer, make_scheduler, train_step
+
+import record
 
 COLUMNS = [
     {"key": "fp32_images_per_s", "label": "float32 images/s", "format": ".1f"},
@@ -107,7 +107,7 @@ def forever(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 def build_train_cache(root: Path, args: argparse.Namespace) -> tuple[ImageCache, float]:
     """(a)'s uint8 cache on the device, and the seconds it took to decode."""
-    device = cnn.training_device(args.device)
+    device = training_device(args.device)
     start = time.perf_counter()
     scan = scan_image_folder(root)
     cache = build_cache(scan, Preprocessing(args.image_size), device, args.workers, "decoding")
@@ -168,7 +168,7 @@ def bench_original(root: Path, args: argparse.Namespace) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
                                          pin_memory=device.type == "cuda", persistent_workers=True)
     torch.manual_seed(0)
-    model = cnn.CNNModel(len(CLASS_NAMES), args.image_size).to(device).train()
+    model = CNNModel(len(CLASS_NAMES), args.image_size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     batches = forever(lambda: iter(loader))

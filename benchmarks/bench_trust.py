@@ -44,14 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+
+import record
+from bench_real import pack_galaxy10, real_images, real_images_here, run_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import record  # noqa: E402
-from bench_real import pack_galaxy10, real_images, real_images_here, run_script  # noqa: E402
-
-from galaxy10 import CLASS_NAMES, run_cli  # noqa: E402
 
 KINDS = ("uniform noise", "Gaussian noise", "empty sky", "star field", "colour gradient", "photograph")
 FLAGGED_QUANTILE = 0.95  # trust.FLAGGED_SHARE's threshold, for every score
@@ -169,8 +168,9 @@ def network_scores(model_path: Path, images: Sequence[object]) -> tuple[np.ndarr
     import torch
     from PIL import Image
 
-    from models import read_checkpoint, to_model_input
-    from networks import staged
+    from galaxy10.models import read_checkpoint
+    from galaxy10.networks import staged
+    from galaxy10.preprocessing import to_model_input
 
     checkpoint = read_checkpoint(model_path)
     network = staged(checkpoint.model().eval())
@@ -211,7 +211,7 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 def ece_floor(probs: np.ndarray, draws: int = 1000, seed: int = 0) -> float:
     """The ECE that a perfectly calibrated model with these confidences shows on this many images by chance
     alone: its mean over `draws` sets of outcomes in which each answer is right with its own confidence."""
-    from reports import expected_calibration_error
+    from galaxy10.reports import expected_calibration_error
 
     rng = np.random.default_rng(seed)
     best, confidence = probs.argmax(1), probs.max(1)
@@ -234,11 +234,11 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
     import torch
     from sklearn.metrics import roc_auc_score
 
-    import trust
     from cnn_use_model import predict_batch
-    from data import scan_image_folder
-    from models import read_record
-    from reports import expected_calibration_error
+    from galaxy10 import trust
+    from galaxy10.data import scan_image_folder
+    from galaxy10.models import read_record
+    from galaxy10.reports import expected_calibration_error
 
     model_record = read_record(model_path)
     if list(model_record.class_names) != list(CLASS_NAMES):
@@ -307,7 +307,7 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
 def train(h5: Path, folder: Path, cnn_flags: list[str], split_seed: int) -> tuple[Path, Path, dict]:
     """preprocess_and_balancing.py on the file, then cnn.py with these flags; the checkpoint, its
     validation folder and the report cnn.py writes."""
-    from models import output_path
+    from galaxy10.models import output_path
 
     balanced = folder / "balanced"
     run_script(str(ROOT / "preprocess_and_balancing.py"), "--h5", str(h5), "--out", str(balanced),
@@ -360,7 +360,7 @@ def run_demo(rows: list[tuple[Path, int]], others: list, folder: Path, sample_n:
 
 def pooled(runs: list[dict]) -> dict:
     """The held-out predictions of every fold together: each real galaxy once, by its fold's model."""
-    from reports import expected_calibration_error
+    from galaxy10.reports import expected_calibration_error
 
     labels = np.concatenate([r["pool"]["labels"] for r in runs]).astype(int)
     logits = [np.array(r["pool"]["logits"]) for r in runs]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REAL_GALAXY10, colour_folders, spread_checkpoint
 
-import cnn_use_model
-from models import CNNModel
+from galaxy10 import inference
+from galaxy10.networks import CNNModel
+
+from helpers import REAL_GALAXY10, colour_folders, spread_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,8 @@ def one_torch_thread() -> Iterator[None]:
 def cpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inference on the CPU where it would pick a GPU (--device auto), as the tests' float32 references are
     computed; a test that asks for a device by name still gets it."""
-    choose = cnn_use_model.select_device
-    monkeypatch.setattr(cnn_use_model, "select_device",
+    choose = inference.select_device
+    monkeypatch.setattr(inference, "select_device",
                         lambda name: torch.device("cpu") if name == "auto" else choose(name))
 
 

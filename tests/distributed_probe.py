@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import new_run
 
-import cnn
-import distributed
-import training
-from config import Config
-from data import ImageCache, iterate_batches
+from galaxy10 import distributed, fitting, training
+from galaxy10.config import Config
+from galaxy10.data import ImageCache, iterate_batches
+
+from helpers import new_run
 
 TRAIN_IMAGES = 9  # two processes take 4 each per epoch; one sits out
 EPOCHS = 3
@@ -36,7 +35,7 @@ def main(out: Path) -> None:
     cpu = torch.device("cpu")
     images = torch.randint(0, 256, (TRAIN_IMAGES, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with cnn.training_processes(config.device):
+    with fitting.training_processes(config.device):
         taken = shares(ImageCache(images, torch.arange(TRAIN_IMAGES), cpu))
         labels = torch.arange(TRAIN_IMAGES) % 2
         val = ImageCache(images[:5], labels[:5], cpu)  # 5: the processes' parts differ in size

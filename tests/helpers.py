@@ -20,21 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-import models
-from config import Config
-from data import ImageCache
-from galaxy10 import CLASS_NAMES
-from models import (
-    DEFAULT_ARCH,
-    Checkpoint,
-    CNNModel,
-    Metrics,
-    ModelRecord,
-    Preprocessing,
-    TrainingState,
-    to_model_input,
-)
-from training import Run, make_run, new_record
+from galaxy10 import models
+from galaxy10.config import Config
+from galaxy10.data import ImageCache
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.models import Checkpoint, Metrics, ModelRecord, TrainingState
+from galaxy10.networks import DEFAULT_ARCH, CNNModel
+from galaxy10.preprocessing import Preprocessing, to_model_input
+from galaxy10.run import Run
+from galaxy10.training import make_run, new_record
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared sits beside a developer's checkout and CI's clone; a user's clone has none.

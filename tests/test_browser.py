@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from helpers import biased_checkpoint, listening_socket
 
-from galaxy10 import CLASS_NAMES
+from galaxy10.dataset import CLASS_NAMES
 from main import create_app
+
+from helpers import biased_checkpoint, listening_socket
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("cpu_inference")]  # the references are CPU float32
 

@@ -11,12 +11,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, assert_one_line_error, galaxy_array, kill_when, one_thread_env
 from PIL import Image
 
-import catalog
 import cnn_use_model as cum
-from galaxy10 import CLASS_NAMES, run_cli
+from galaxy10 import catalog
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+
+from helpers import ROOT, assert_one_line_error, galaxy_array, kill_when, one_thread_env
 
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 

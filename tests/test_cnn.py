@@ -9,6 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+
+import cnn
+import preprocess_and_balancing
+from galaxy10 import augment, config, models, networks, preprocessing, reports, synthetic, training
+from galaxy10.config import FIELDS, PRESET_NETWORKS, PRESETS, Config, parse_config, resume_command
+from galaxy10.data import ImageCache, build_cache, class_names_for, scan_image_folder
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+
 from helpers import (
     aged,
     assert_one_line_error,
@@ -22,20 +32,6 @@ from helpers import (
     save_original_checkpoint,
     save_weights,
 )
-from PIL import Image
-
-import augment
-import cnn
-import config
-import models
-import networks
-import preprocess_and_balancing
-import reports
-import sample_data
-import training
-from config import FIELDS, PRESET_NETWORKS, PRESETS, Config, parse_config, resume_command
-from data import ImageCache, build_cache, class_names_for, scan_image_folder
-from galaxy10 import CLASS_NAMES, run_cli
 
 CHECKPOINT_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "train_history", "final_val_loss", "final_val_acc",
@@ -251,8 +247,8 @@ def test_precision_auto_takes_bfloat16_where_the_device_computes_it(
 
 def test_bfloat16_autocast_runs_the_model_in_bfloat16(data: Path) -> None:
     """The same weights under float32 and bfloat16: the logits differ by bfloat16's rounding, not more."""
-    cache = build_cache(scan_image_folder(data / "val"), models.Preprocessing(32), torch.device("cpu"), 1,
-                        "val")
+    cache = build_cache(scan_image_folder(data / "val"), preprocessing.Preprocessing(32), torch.device("cpu"),
+                        1, "val")
     torch.manual_seed(0)
     model = cnn.CNNModel(2, 32, head_init="kaiming")
     fp32 = training.predict_logits(model, cache, 4, bf16=False)
@@ -304,12 +300,12 @@ def test_another_network_trains_and_its_checkpoint_says_how_to_rebuild_it(resnet
     checkpoint = load(resnet_run)
     assert checkpoint["architecture"] == "resnet18"
     assert checkpoint["preprocessing"]["crop"] == 0.75
-    assert checkpoint["preprocessing"]["mean"] == list(models.IMAGENET_MEAN)
+    assert checkpoint["preprocessing"]["mean"] == list(networks.IMAGENET_MEAN)
     assert checkpoint["weights"] == str(resnet_run.parent / "imagenet-like.pth")
     assert checkpoint["config"]["augment"] == "rotation"
     assert checkpoint["config"]["precision"] in ("fp32", "bf16")  # what ran, not "auto"
     record = models.read_record(resnet_run)
-    assert (record.arch, record.crop, record.preprocessing.mean) == ("resnet18", 0.75, models.IMAGENET_MEAN)
+    assert (record.arch, record.crop, record.preprocessing.mean) == ("resnet18", 0.75, networks.IMAGENET_MEAN)
     assert record.weights == str(resnet_run.parent / "imagenet-like.pth")
     assert record.precision in ("fp32", "bf16")
     model = models.read_checkpoint(resnet_run).model()
@@ -362,7 +358,7 @@ def test_a_run_writes_a_safe_checkpoint_and_its_reports(data: Path, trained: Pat
     report = json.loads(models.output_path(trained, "report.json").read_text())
     assert report["epoch"] == best and report["n_samples"] == 4
     assert sum(map(sum, report["confusion_matrix"])) == 4
-    assert not cnn.resume_path(trained).exists()  # a finished run has nothing to resume
+    assert not models.resume_path(trained).exists()  # a finished run has nothing to resume
 
 
 @pytest.mark.slow
@@ -436,7 +432,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
     assert train(tiny_args(data, model_path)) == 130
     assert f"python cnn.py --model-path {model_path} --resume" in capsys.readouterr().err
-    state = load(cnn.resume_path(model_path))
+    state = load(models.resume_path(model_path))
     assert state["epoch"] == 1 and len(state["train_history"]["val_loss"]) == 1
     assert {"scheduler_state_dict", "early_stopping", "rng"} <= state.keys()
 
@@ -451,7 +447,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     resumed, uninterrupted = load(model_path), load(trained)
     assert resumed["train_history"] == uninterrupted["train_history"]
     assert same_weights(resumed["model_state_dict"], uninterrupted["model_state_dict"])
-    assert not cnn.resume_path(model_path).exists()
+    assert not models.resume_path(model_path).exists()
 
 
 @pytest.mark.parametrize(("local", "world", "launcher"), [
@@ -721,7 +717,7 @@ def test_evaluation_report_matches_a_hand_computed_case() -> None:
 
 @pytest.mark.e2e
 def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
-    h5 = sample_data.write_sample(tmp_path / "s.h5", n=100, seed=0, image_size=32, workers=1, progress=False)
+    h5 = synthetic.write_sample(tmp_path / "s.h5", n=100, seed=0, image_size=32, workers=1, progress=False)
     balanced = tmp_path / "bal"
     balance = ["--h5", str(h5), "--out", str(balanced), "--workers", "1"]
     assert run_cli(preprocess_and_balancing.main, balance) == 0

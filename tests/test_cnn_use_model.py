@@ -15,6 +15,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import cnn
+import cnn_use_model as cum
+from galaxy10 import data, inference, inputs, models, networks, preprocessing
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import Galaxy10Error, run_cli
+from galaxy10.files import FileCache
+from galaxy10.images import MAX_PIXELS, ImageTooLargeError, open_image
+from galaxy10.networks import CNNModel
+from galaxy10.preprocessing import image_to_tensor, to_model_input
+
 from helpers import (
     ROOT,
     SIZE,
@@ -30,16 +42,6 @@ from helpers import (
     truncated,
     unsafe_checkpoint,
 )
-from PIL import Image
-
-import cnn
-import cnn_use_model as cum
-import data
-import inputs
-import models
-import networks
-from galaxy10 import CLASS_NAMES, FileCache, Galaxy10Error, run_cli
-from models import CNNModel, image_to_tensor, to_model_input
 
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 
@@ -125,7 +127,7 @@ def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, in
         model = cum.load_model(path)
         for galaxy, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
             expected = data.read_image(galaxy, model.record.preprocessing)
-            assert torch.equal(model.preprocess(cum.open_image(galaxy)), expected)
+            assert torch.equal(model.preprocess(open_image(galaxy)), expected)
             assert torch.equal(expected, image_to_tensor(Image.open(galaxy), size, crop))
 
 
@@ -140,8 +142,8 @@ def ckpt64(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the bfloat16 path on any CPU, as on one with AVX512-BF16 or AMX (PyTorch computes bfloat16 on
     other CPUs too, only slower), with a model cache of this test's own."""
-    monkeypatch.setattr(cum, "native_bf16", lambda device: device.type == "cpu")
-    monkeypatch.setattr(cum, "_models", FileCache())
+    monkeypatch.setattr(inference, "native_bf16", lambda device: device.type == "cpu")
+    monkeypatch.setattr(inference, "_models", FileCache())
 
 
 @pytest.mark.usefixtures("native_bf16")
@@ -184,9 +186,9 @@ def test_near_ties_are_recomputed_in_float32_and_clear_cases_are_not(
     logits = torch.tensor([[5.0, 4.9, -5.0], [5.0, 0.0, -5.0], [-5.0, 4.9, 5.0], [0.0, 5.0, -5.0]])
     logits = torch.nn.functional.pad(logits, (0, 7), value=-5.0)
     monkeypatch.setattr(model, "bf16", FixedLogits(model.fp32, logits))
-    probs = model.probabilities(images)
+    probs = model.classify(images)[0]
     with torch.inference_mode():
-        fp32 = model.fp32(cum.to_model_input(images))[1].softmax(1)
+        fp32 = model.fp32(preprocessing.to_model_input(images))[1].softmax(1)
     # float32 over 2 images here and 4 there: equal up to the last bits (oneDNN may pick other kernels
     # for another batch size); not rechecking would leave the fake logits' softmax, off by far more.
     torch.testing.assert_close(probs[[0, 2]], fp32[[0, 2]], rtol=0, atol=1e-5)
@@ -201,7 +203,7 @@ def test_a_cpu_without_native_bfloat16_infers_in_float32_only(tmp_path: Path) ->
     model = cum.load_model(path, device="cpu")
     assert model.bf16 is model.fp32
     images = torch.from_numpy(np.stack([galaxy_array(s, 64) for s in range(4)])).permute(0, 3, 1, 2)
-    assert torch.equal(model.probabilities(images), model.probabilities(images, exact=True))
+    assert torch.equal(model.classify(images)[0], model.classify(images, exact=True)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -227,7 +229,7 @@ def test_image_modes(ckpt: Path, tmp_path: Path) -> None:
 
 def decoded(image: Image.Image) -> np.ndarray:
     """The model's input for an image, as int (H, W, 3) pixels."""
-    return models.Preprocessing(SIZE)(image).permute(1, 2, 0).numpy().astype(int)
+    return preprocessing.Preprocessing(SIZE)(image).permute(1, 2, 0).numpy().astype(int)
 
 
 def test_palette_greyscale_and_cmyk_images_decode_to_their_colours() -> None:
@@ -256,7 +258,7 @@ def truncated_png() -> bytes:
 )
 def test_unreadable_data_raises_image_error(data: bytes, ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(cum.ImageError, match="not a readable image"):
-        cum.open_image(data)
+        open_image(data)
     path = tmp_path / "bad.png"
     path.write_bytes(data)
     with pytest.raises(cum.ImageError, match="bad.png"):
@@ -265,24 +267,24 @@ def test_unreadable_data_raises_image_error(data: bytes, ckpt: Path, tmp_path: P
 
 def test_bad_arrays_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(cum.ImageError, match="uint8"):
-        cum.open_image(np.zeros((8, 8, 3), np.float32))
+        open_image(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(cum.ImageError, match="not found"):
-        cum.open_image(tmp_path / "missing.png")
+        open_image(tmp_path / "missing.png")
     assert issubclass(cum.ImageError, Galaxy10Error)
 
 
 def test_decompression_bomb_is_refused_from_the_header() -> None:
     bomb = bomb_png(8_000, 8_000)  # 64 megapixels: over our 40 MP limit, under PIL's own
     assert len(bomb) < 100
-    with pytest.raises(cum.ImageTooLargeError, match="8000x8000"):
-        cum.open_image(bomb)
+    with pytest.raises(ImageTooLargeError, match="8000x8000"):
+        open_image(bomb)
     # PIL's own bomb check (it fires inside Image.open) must become the same error.
-    for max_pixels in (cum.MAX_PIXELS, 10**12):
-        with pytest.raises(cum.ImageTooLargeError, match="too large"):
-            cum.open_image(bomb_png(100_000, 100_000), max_pixels=max_pixels)  # 30 GB if decoded
-    with pytest.raises(cum.ImageTooLargeError):
-        cum.open_image(Image.new("L", (200, 200)), max_pixels=100 * 100)
-    assert cum.open_image(png_bytes(Image.new("L", (300, 300))), max_pixels=300 * 300).size == (300, 300)
+    for max_pixels in (MAX_PIXELS, 10**12):
+        with pytest.raises(ImageTooLargeError, match="too large"):
+            open_image(bomb_png(100_000, 100_000), max_pixels=max_pixels)  # 30 GB if decoded
+    with pytest.raises(ImageTooLargeError):
+        open_image(Image.new("L", (200, 200)), max_pixels=100 * 100)
+    assert open_image(png_bytes(Image.new("L", (300, 300))), max_pixels=300 * 300).size == (300, 300)
 
 
 def test_foreign_checkpoints_raise_a_clear_error(tmp_path: Path) -> None:
@@ -320,8 +322,8 @@ def test_threads_share_one_model_and_agree(
     arrays = [galaxy_array(seed) for seed in range(6)]
     expected = [cum.predict(a, ckpt).probabilities for a in arrays]
     loads: list[Path] = []
-    real_read = cum.read_checkpoint
-    monkeypatch.setattr(cum, "read_checkpoint", lambda p, **kw: loads.append(p) or real_read(p, **kw))
+    real_read = inference.read_checkpoint
+    monkeypatch.setattr(inference, "read_checkpoint", lambda p, **kw: loads.append(p) or real_read(p, **kw))
     results: dict[int, tuple[float, ...]] = {}
     heatmaps: dict[int, np.ndarray] = {}
     start = threading.Barrier(6)
@@ -373,7 +375,7 @@ def test_grad_cam_heatmap(ckpt: Path) -> None:
     with pytest.raises(ValueError, match="class_id"):
         cum.grad_cam(array, ckpt, class_id=10)
     image = Image.fromarray(galaxy_array(8, size=120))
-    overlay = cum.overlay_heatmap(image, heatmap)
+    overlay = inference.overlay_heatmap(image, heatmap)
     assert overlay.size == image.size and overlay.mode == "RGB"
     assert not np.array_equal(np.asarray(overlay), np.asarray(image))
 
@@ -471,7 +473,7 @@ def write_h5(path: Path, n: int, labels: bool) -> Path:
 def test_cli_h5_rows_with_accuracy_table(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inputs, "H5_CHUNK_ROWS", 4)  # rows are read in several chunks
+    monkeypatch.setattr(inputs, "CHUNK_ROWS", 4)  # rows are read in several chunks
     h5 = write_h5(tmp_path / "galaxies.h5", n=30, labels=True)
     out = tmp_path / "rows.csv"
     assert run_cli(cum.cli_main, [str(h5), "--model", str(ckpt), "--csv", str(out), "--batch-size", "7"]) == 0
@@ -586,7 +588,7 @@ def test_every_consumer_applies_the_checkpoints_crop(
 def torchvision_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
     """A random torchvision network of this project at 32 px, with logits spread as a trained one's."""
     torch.manual_seed(seed)
-    model = models.build_model(arch, 10, 32).eval()
+    model = networks.build_model(arch, 10, 32).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2.0)
@@ -624,10 +626,10 @@ def test_torchvision_networks_are_prepared_for_inference_and_explained_by_grad_c
 def test_the_grad_cam_overlay_covers_only_the_region_the_model_saw() -> None:
     image = Image.fromarray(np.full((60, 80, 3), 200, dtype=np.uint8))
     heatmap = np.ones((32, 32), dtype=np.float32)  # all evidence: the turbo colour map's red
-    overlay = np.asarray(cum.overlay_heatmap(image, heatmap, crop=0.5)).astype(int)
+    overlay = np.asarray(inference.overlay_heatmap(image, heatmap, crop=0.5)).astype(int)
     # crop 0.5 of the shorter side (60): the 30 x 30 square from (25, 15) to (55, 45)
     assert (overlay[:15] == 100).all() and (overlay[:, :25] == 100).all()  # outside: dimmed to half
     inside = overlay[15:45, 25:55]
     assert (inside[..., 0] > inside[..., 2] + 40).all()  # tinted red
-    whole = np.asarray(cum.overlay_heatmap(image, heatmap)).astype(int)
+    whole = np.asarray(inference.overlay_heatmap(image, heatmap)).astype(int)
     assert (whole[..., 0] > whole[..., 2] + 40).all()  # crop 1: the whole frame

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import ROOT
 
-from galaxy10 import CLASS_NAMES
+from galaxy10.dataset import CLASS_NAMES
 from main import create_app
+
+from helpers import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("cpu_inference")]  # the references are CPU float32
 

@@ -16,6 +16,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
+
+import cnn
+from galaxy10 import models, training
+from galaxy10.data import ImageCache
+from galaxy10.errors import run_cli
+
 from helpers import (
     ROOT,
     assert_one_line_error,
@@ -25,12 +31,6 @@ from helpers import (
     same_weights,
     save_weights,
 )
-
-import cnn
-import models
-import training
-from data import ImageCache
-from galaxy10 import run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = one_thread_env(PYTHONPATH=str(ROOT))
@@ -67,7 +67,7 @@ def worker_log(log_dir: Path, attempt: int, rank: int, stream: str) -> str:
 def kill_worker_after_first_epoch(agent: subprocess.Popen[str], model_path: Path, rank: int = 1) -> None:
     """SIGKILL the worker of this rank as soon as the run has written its first resume file."""
     deadline = time.monotonic() + 240
-    while not cnn.resume_path(model_path).exists():
+    while not models.resume_path(model_path).exists():
         assert agent.poll() is None, "the run ended before its first epoch did"
         assert time.monotonic() < deadline, "no resume file after 240 s"
         time.sleep(0.02)
@@ -184,11 +184,11 @@ def test_resume_under_torchrun_continues_each_process_exactly(
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_worker_after_first_epoch(agent, model_path)
     assert agent.wait(timeout=120) != 0
-    state = load(cnn.resume_path(model_path))
+    state = load(models.resume_path(model_path))
     assert state["epoch"] < 3 and len(state["rng_per_process"]) == 2
     one_process = tmp_path / "one" / "m.pth"
     one_process.parent.mkdir()
-    shutil.copy(cnn.resume_path(model_path), cnn.resume_path(one_process))
+    shutil.copy(models.resume_path(model_path), models.resume_path(one_process))
 
     done = torchrun(["--model-path", str(model_path), "--resume"])  # the run's settings are in the file
     assert done.returncode == 0, done.stderr
@@ -196,7 +196,7 @@ def test_resume_under_torchrun_continues_each_process_exactly(
     resumed, whole = load(model_path), load(uninterrupted[0])
     assert resumed["train_history"] == whole["train_history"]
     assert same_weights(resumed["model_state_dict"], whole["model_state_dict"])
-    assert not cnn.resume_path(model_path).exists()
+    assert not models.resume_path(model_path).exists()
 
     assert run_cli(cnn.main, ["--model-path", str(one_process), "--resume"]) == 0
     out = capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_a_killed_worker_is_restarted_from_the_resume_file(
     _, stderr = agent.communicate(timeout=240)
     assert agent.returncode == 0, stderr
     restarted = worker_log(log_dir, 1, 0, "stdout")
-    assert f"torchrun restart 1: continuing from {cnn.resume_path(model_path)}" in restarted
+    assert f"torchrun restart 1: continuing from {models.resume_path(model_path)}" in restarted
     assert "resuming after epoch" in restarted
     resumed, whole = load(model_path), load(uninterrupted[0])
     assert resumed["train_history"] == whole["train_history"]

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_one_line_error, kill_when, listening_socket, random_galaxy10
 
 import load_data
-from download import download, part_path
-from galaxy10 import run_cli
+from galaxy10.download import download, part_path
+from galaxy10.errors import run_cli
+
+from helpers import ROOT, assert_one_line_error, kill_when, listening_socket, random_galaxy10
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]  # 91 images of 32 px: a 280 KB Galaxy10-format file
 PIECE = 16 << 10  # bytes the server writes at a time (and sleeps between, when throttled)

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import assert_one_line_error, colour_folders, png_bytes, same_weights, save_original_checkpoint
 from PIL import Image
 
 import cnn
 import cnn_use_model as cum
-import models
-from galaxy10 import run_cli
+from galaxy10 import models, networks
+from galaxy10.errors import run_cli
+from galaxy10.networks import last_linear_name
 from main import create_app
-from networks import last_linear_name
+
+from helpers import assert_one_line_error, colour_folders, png_bytes, same_weights, save_original_checkpoint
 
 COARSE = ("smooth", "disk", "merging")
 
@@ -44,7 +45,7 @@ def body(weights: dict[str, torch.Tensor], output: str) -> dict[str, torch.Tenso
 
 @pytest.mark.slow
 def test_a_galaxy10_checkpoint_becomes_a_classifier_of_other_labels(
-    coarse: Path, original_model: models.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    coarse: Path, original_model: networks.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The original project's 10-class model onto 3 classes: its network is kept and a new output layer is
     trained; with --freeze-body nothing else moves, not even BatchNorm's statistics."""
@@ -58,7 +59,7 @@ def test_a_galaxy10_checkpoint_becomes_a_classifier_of_other_labels(
     output = f"{last_linear_name(original_model)}."
     assert same_weights(body(tuned.weights, output), body(original_model.state_dict(), output))
     assert tuned.weights[f"{output}weight"].shape == (3, 32)
-    fresh = models.CNNModel(3, 32, head_init="kaiming")
+    fresh = networks.CNNModel(3, 32, head_init="kaiming")
     assert not torch.equal(tuned.weights[f"{output}weight"], fresh.state_dict()[f"{output}weight"])
     # Without --freeze-body the whole network trains on from the kept weights.
     whole = tmp_path / "whole.pth"
@@ -82,7 +83,7 @@ def test_a_torchvision_network_is_fine_tuned_onto_other_labels(coarse: Path, tmp
 
 
 def test_another_network_or_size_is_still_one_line(
-    coarse: Path, original_model: models.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    coarse: Path, original_model: networks.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = save_original_checkpoint(tmp_path / "model.pth", original_model.state_dict())
     assert run_cli(cnn.main, args(coarse, tmp_path / "m.pth", "--init-from", str(source), "--arch",

@@ -13,15 +13,16 @@ import pytest
 import torch
 from astropy.io import fits
 from fastapi.testclient import TestClient
-from helpers import SIZE, png_bytes, spread_checkpoint
 from PIL import Image
 
 import cnn_use_model as cum
-import data
-import models
-from galaxy10 import CLASS_NAMES, run_cli
-from images import ImageError, ImageTooLargeError, is_fits_data, is_image_file, open_image
+from galaxy10 import data, inputs, preprocessing
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+from galaxy10.images import ImageError, ImageTooLargeError, is_fits_data, is_image_file, open_image
 from main import create_app
+
+from helpers import SIZE, png_bytes, spread_checkpoint
 
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 
@@ -264,7 +265,7 @@ def test_training_reads_fits_folders_as_inference_does(ckpt: Path, tmp_path: Pat
     assert scan.labels == [0, 0, 1, 1, 1]
     model = cum.load_model(ckpt)
     for path in scan.paths:
-        trained_on = data.read_image(path, models.Preprocessing(SIZE))
+        trained_on = data.read_image(path, preprocessing.Preprocessing(SIZE))
         assert torch.equal(trained_on, model.preprocess(open_image(path)))
-    found = cum.find_inputs([str(root)])
+    found = inputs.find_inputs([str(root)])
     assert sorted(p.name for p in found.sources) == sorted(p.name for p in scan.paths) and not found.problems

@@ -17,6 +17,15 @@ import h5py
 import numpy as np
 import psutil
 import pytest
+from PIL import Image
+
+import galaxy10.export
+import load_data
+from galaxy10 import dataset, files, synthetic
+from galaxy10.dataset import CHUNK_ROWS, CLASS_NAMES
+from galaxy10.errors import run_cli
+from galaxy10.export import split_rows
+
 from helpers import (
     ROOT,
     assert_one_line_error,
@@ -27,12 +36,6 @@ from helpers import (
     read_manifest,
     write_galaxy10,
 )
-from PIL import Image
-
-import galaxy10
-import load_data
-from galaxy10 import CLASS_NAMES, run_cli
-from load_data import CHUNK_ROWS, split_rows
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]  # a miniature of the real class distribution
 
@@ -162,7 +165,7 @@ def test_a_failure_mid_export_leaves_no_output(h5: Path, tmp_path: Path, monkeyp
             raise OSError("disk full")
         Image.fromarray(image).save(path)
 
-    monkeypatch.setattr(load_data, "save_png", failing_save)
+    monkeypatch.setattr(galaxy10.export, "save_png", failing_save)
     with pytest.raises(OSError, match="disk full"):
         load_data.main(["--h5", str(h5), "--out", str(tmp_path / "data"), "--workers", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
@@ -318,9 +321,9 @@ def test_a_process_of_another_user_counts_as_alive(monkeypatch) -> None:
     def not_permitted(pid: int, sig: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    assert galaxy10.process_alive(os.getpid())
-    monkeypatch.setattr(galaxy10.os, "kill", not_permitted)
-    assert galaxy10.process_alive(1)
+    assert files.process_alive(os.getpid())
+    monkeypatch.setattr(files.os, "kill", not_permitted)
+    assert files.process_alive(1)
 
 
 # ---------------------------------------------------------------- bad input
@@ -378,8 +381,8 @@ def test_bad_flags(h5: Path, tmp_path: Path, capsys) -> None:
 
 def test_verify_compares_the_official_checksum(h5: Path, tmp_path: Path, capsys) -> None:
     assert export(h5, tmp_path / "out", "--verify") == 2
-    assert_one_line_error(capsys, "SHA-256", load_data.OFFICIAL_SHA256)
-    load_data.verify_checksum(h5, hashlib.sha256(h5.read_bytes()).hexdigest())  # passes
+    assert_one_line_error(capsys, "SHA-256", dataset.OFFICIAL_SHA256)
+    galaxy10.export.verify_checksum(h5, hashlib.sha256(h5.read_bytes()).hexdigest())  # passes
 
 
 # ---------------------------------------------------------------- the script
@@ -413,11 +416,10 @@ def test_an_export_of_the_built_in_sample_says_it_is_synthetic_and_training_reco
     tmp_path: Path
 ) -> None:
     """sample_data.py marks its file; the export says so beside its manifest; a run on it records it."""
-    import data
-    import sample_data
+    from galaxy10 import data
 
-    h5 = sample_data.write_sample(tmp_path / "sample.h5", n=60, image_size=64, workers=1, progress=False)
-    assert galaxy10.open_galaxy10(h5).synthetic
+    h5 = synthetic.write_sample(tmp_path / "sample.h5", n=60, image_size=64, workers=1, progress=False)
+    assert dataset.open_galaxy10(h5).synthetic
     assert run_cli(load_data.main, ["--h5", str(h5), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["synthetic"] is True
     scan = data.scan_image_folder(tmp_path / "out" / "train")

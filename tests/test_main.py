@@ -25,6 +25,19 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.responses import PlainTextResponse
+
+import main
+from cnn_use_model import grad_cam, predict
+from galaxy10 import models, networks, preprocessing, registry, trust, web
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+from galaxy10.models import is_resume_file
+from galaxy10.uploads import UploadLimitMiddleware
+from galaxy10.web import read_upload
+from main import create_app
+
 from helpers import (
     biased_checkpoint,
     bomb_png,
@@ -33,16 +46,6 @@ from helpers import (
     save_original_checkpoint,
     truncated,
 )
-from PIL import Image
-from starlette.responses import PlainTextResponse
-
-import main
-import models
-import networks
-import trust
-from cnn_use_model import grad_cam, predict
-from galaxy10 import CLASS_NAMES, run_cli
-from main import UploadLimitMiddleware, create_app, is_resume_file, read_upload
 
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 
@@ -320,8 +323,8 @@ def colour_network(arch: str, size: int) -> torch.nn.Module:
     centre tap), the rest is zero, BatchNorm is the identity: DeepCNN-5Block's max-pools keep the brightest
     of each colour in the model's view; resnet18's residual paths keep a sparse sample of the (ImageNet-
     normalised) pixels, so it is shown plain colours."""
-    network = models.build_model(arch, len(CLASS_NAMES), size)
-    torchvision = models.architecture(arch).torchvision
+    network = networks.build_model(arch, len(CLASS_NAMES), size)
+    torchvision = networks.architecture(arch).torchvision
     with torch.no_grad():
         for module in network.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -344,7 +347,7 @@ def colour_network(arch: str, size: int) -> torch.nn.Module:
             for c in range(3):
                 hidden.weight[c, c] = 1
         # What a full-brightness channel is by the time it reaches the features.
-        full = [(1 - m) / s for m, s in zip(models.IMAGENET_MEAN, models.IMAGENET_STD, strict=True)] \
+        full = [(1 - m) / s for m, s in zip(networks.IMAGENET_MEAN, networks.IMAGENET_STD, strict=True)] \
             if torchvision else [1.0, 1.0, 1.0]
         out = linears[-1]
         for class_id, channel, weight in ((RED, 0, 1.0), (GREEN, 1, 1.1), (BLUE, 2, 1.2)):
@@ -354,18 +357,19 @@ def colour_network(arch: str, size: int) -> torch.nn.Module:
     return network.eval()
 
 
-def colour_checkpoint(path: Path, arch: str = models.DEFAULT_ARCH, size: int = 32, crop: float = 1.0) -> Path:
+def colour_checkpoint(path: Path, arch: str = networks.DEFAULT_ARCH, size: int = 32, crop: float = 1.0
+                      ) -> Path:
     """A colour_network saved as cnn.py saves a model trained with --arch `arch` --image-size `size`
     --crop `crop`."""
-    record = models.ModelRecord(arch, CLASS_NAMES, models.Preprocessing.for_network(arch, size, crop),
+    record = models.ModelRecord(arch, CLASS_NAMES, preprocessing.Preprocessing.for_network(arch, size, crop),
                                 metrics=models.Metrics(epoch=3, val_loss=0.5, val_acc=0.9))
     state = colour_network(arch, size).state_dict()
     models.Checkpoint(record, state, models.TrainingState({}, {})).save(path)
     return path
 
 
-def reference_class(path: Path, image: Image.Image, preprocessing: models.Preprocessing | None = None,
-                    to_input: Callable[[torch.Tensor], torch.Tensor] = models.to_model_input) -> int:
+def reference_class(path: Path, image: Image.Image, preprocessing: preprocessing.Preprocessing | None = None,
+                    to_input: Callable[[torch.Tensor], torch.Tensor] = preprocessing.to_model_input) -> int:
     """The class the checkpoint's float32 network gives the image, prepared as its record says, or by
     `preprocessing` and `to_input` where a test plays a server that gets them wrong."""
     checkpoint = models.read_checkpoint(path)
@@ -432,7 +436,7 @@ def test_the_answer_is_what_the_model_sees_through_its_crop(
     path = colour_models / f"{CROPPED}.pth"
     assert reference_class(path, image) == trained
     # Serving the whole frame to a model trained on the central half would answer this:
-    assert reference_class(path, image, models.Preprocessing(32, crop=1.0)) == whole_frame
+    assert reference_class(path, image, preprocessing.Preprocessing(32, crop=1.0)) == whole_frame
     assert served_class(colour_client, image, CROPPED, route) == CLASS_NAMES[trained]
 
 
@@ -444,7 +448,7 @@ def test_the_answer_follows_the_models_channel_order_and_scaling(
     red, dim = flat(PURE_RED), flat(DIM_GREY)
     assert reference_class(path, red) == RED and reference_class(path, dim) == DARK
     # A server that fed BGR, or left the pixels in 0-255, would answer these:
-    bgr = lambda x: models.to_model_input(x.flip(1))  # noqa: E731
+    bgr = lambda x: preprocessing.to_model_input(x.flip(1))  # noqa: E731
     assert reference_class(path, red, to_input=bgr) == BLUE
     assert reference_class(path, dim, to_input=lambda x: x.float()) == BLUE
     assert served_class(colour_client, red, CROPPED, route) == CLASS_NAMES[RED]
@@ -499,19 +503,19 @@ def test_a_torchvision_network_is_listed_and_classifies(
 
 
 def test_routes_are_plain_functions_of_their_dependencies(colour_models: Path) -> None:
-    registry = main.ModelRegistry(colour_models, default_name=TORCHVISION)
-    listing = main.api_models(registry)
+    models_on_offer = registry.ModelRegistry(colour_models, default_name=TORCHVISION)
+    listing = web.api_models(models_on_offer)
     assert listing.default == TORCHVISION
     assert [(m.name, m.architecture, m.default) for m in listing.models] == [
         (TORCHVISION, "resnet18", True), (CROPPED, "DeepCNN-5Block", False)]
-    assert main.healthz(registry) == {"status": "ok", "models": 2}
-    served = registry.get(f"{CROPPED}.pth")
+    assert web.healthz(models_on_offer) == {"status": "ok", "models": 2}
+    served = models_on_offer.get(f"{CROPPED}.pth")
     assert (served.name, served.path, served.record.crop) == (CROPPED, colour_models / f"{CROPPED}.pth", 0.5)
 
 
 def test_an_apps_registry_can_be_overridden(tmp_path: Path, colour_models: Path) -> None:
     app = create_app(tmp_path)  # an empty folder
-    app.dependency_overrides[main.get_registry] = lambda: main.ModelRegistry(colour_models, CROPPED)
+    app.dependency_overrides[web.get_registry] = lambda: registry.ModelRegistry(colour_models, CROPPED)
     with TestClient(app) as overridden:
         assert overridden.get("/healthz").json() == {"status": "ok", "models": 2}
         assert re.findall(r'<option value="([^"]+)"', overridden.get("/").text) == [CROPPED, TORCHVISION]
@@ -725,7 +729,7 @@ def test_a_listed_model_that_breaks_gets_503(
                 DAMAGE[damage](target)
                 return read_upload(file)
 
-            monkeypatch.setattr(main, "read_upload", damaging_read_upload)
+            monkeypatch.setattr(web, "read_upload", damaging_read_upload)
         response = served.post(route, files={"file": ("g.png", galaxy_png)}, data={field: BALANCED})
     assert response.status_code == 503
     detail = f"model '{BALANCED}' could not be loaded; reload the page to see the models"
@@ -745,7 +749,7 @@ def test_a_model_deleted_while_the_folder_is_listed_is_left_out(
         return is_resume_file(path)
 
     with TestClient(create_app(tmp_path)) as served:
-        monkeypatch.setattr(main, "is_resume_file", deleted_once_listed)
+        monkeypatch.setattr(registry, "is_resume_file", deleted_once_listed)
         response = served.get("/api/models")
     assert response.status_code == 200
     assert [m["name"] for m in response.json()["models"]] == ["kept"]
@@ -832,7 +836,7 @@ def test_the_default_model_is_warmed_at_startup_not_at_build(
         warmed.append(Path(model_path))
         return predict(source, model_path, **kwargs)
 
-    monkeypatch.setattr(main, "predict", recording_predict)
+    monkeypatch.setattr(web, "predict", recording_predict)
     app = create_app(models_dir)
     assert warmed == []
     with TestClient(app):
@@ -885,9 +889,9 @@ def test_at_most_one_inference_per_core_at_a_time(
         return test_client.post(route, files={"file": ("g.png", galaxy_png)}).status_code
 
     with TestClient(create_app(models_dir)) as test_client:  # the default model warms before the gates
-        monkeypatch.setattr(main, "read_upload", arriving)
-        monkeypatch.setattr(main, "predict", gated(predict))
-        monkeypatch.setattr(main, "grad_cam", gated(grad_cam))
+        monkeypatch.setattr(web, "read_upload", arriving)
+        monkeypatch.setattr(web, "predict", gated(predict))
+        monkeypatch.setattr(web, "grad_cam", gated(grad_cam))
         with ThreadPoolExecutor(requests) as pool:
             pending = [pool.submit(call, i) for i in range(requests)]
             try:
@@ -909,7 +913,7 @@ def test_inference_does_not_block_the_event_loop(
         release.wait(10)
         return predict(*args, **kwargs)
 
-    monkeypatch.setattr(main, "predict", slow_predict)
+    monkeypatch.setattr(web, "predict", slow_predict)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/api/predict", files={"file": ("g.png", galaxy_png)})
         assert entered.wait(10)

@@ -7,12 +7,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, dead_pid, file_bytes, random_galaxy10, read_manifest
 from PIL import Image
 
 import load_data
 import preprocess_and_balancing as pb
-from galaxy10 import CLASS_NAMES, run_cli
+from galaxy10 import balancing
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+
+from helpers import assert_one_line_error, dead_pid, file_bytes, random_galaxy10, read_manifest
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]
 
@@ -97,32 +100,33 @@ def test_the_partial_folder_of_a_killed_run_is_removed_and_a_running_ones_kept(
     assert f"removed {killed.name} from {tmp_path}, left by an export that was killed" in out
 
 
-def aug(angle: float, flip: bool = False, brightness: float = 1.0, contrast: float = 1.0) -> pb.Augmentation:
-    return pb.Augmentation(0, 0, 0, flip, angle, brightness, contrast)
+def aug(angle: float, flip: bool = False, brightness: float = 1.0, contrast: float = 1.0
+        ) -> balancing.Augmentation:
+    return balancing.Augmentation(0, 0, 0, flip, angle, brightness, contrast)
 
 
 def test_rotations_leave_no_black_corners() -> None:
     sky = np.full((64, 64, 3), 40, np.uint8)
     for angle in (10.0, 30.0, 45.0, 137.0, 222.5):
-        assert np.array_equal(pb.augment(sky, aug(angle)), sky)
+        assert np.array_equal(balancing.augment(sky, aug(angle)), sky)
 
 
 def test_quarter_turns_and_flips_are_exact() -> None:
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(pb.augment(image, aug(90.0)), np.rot90(image))
-    assert np.array_equal(pb.augment(image, aug(180.0, flip=True)), np.rot90(np.fliplr(image), 2))
+    assert np.array_equal(balancing.augment(image, aug(90.0)), np.rot90(image))
+    assert np.array_equal(balancing.augment(image, aug(180.0, flip=True)), np.rot90(np.fliplr(image), 2))
 
 
 def test_brightness_and_contrast_are_mild() -> None:
     image = np.random.default_rng(0).integers(50, 200, (32, 32, 3), dtype=np.uint8)
-    brighter = pb.augment(image, aug(0.0, brightness=1.1))
+    brighter = balancing.augment(image, aug(0.0, brightness=1.1))
     assert 1.05 < brighter.mean() / image.mean() < 1.15
-    flatter = pb.augment(image, aug(0.0, contrast=0.9))
+    flatter = balancing.augment(image, aug(0.0, contrast=0.9))
     assert 0.85 < flatter.std() / image.std() < 0.95
 
 
 def test_augmented_real_galaxy_has_no_black_corners(real_galaxies) -> None:
     image = np.asarray(Image.open(real_galaxies[0][0]).convert("RGB"))
-    rotated = pb.augment(image, aug(33.0))
+    rotated = balancing.augment(image, aug(33.0))
     corner = rotated[:12, :12].mean()
     assert corner > 0.5 * image[:12, :12].mean()

@@ -7,12 +7,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import dead_pid
 from PIL import Image
 from scipy.ndimage import gaussian_filter, maximum_filter
 
 import sample_data
-from galaxy10 import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS, Galaxy10Error, run_cli
+from galaxy10 import synthetic
+from galaxy10.dataset import CLASS_NAMES, META_FIELDS, REAL_CLASS_COUNTS
+from galaxy10.errors import Galaxy10Error, run_cli
+
+from helpers import dead_pid
 
 SIZE = 64
 N = 40
@@ -26,7 +29,7 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sample") / "sample.h5"
-    return sample_data.write_sample(path, n=N, seed=3, image_size=SIZE, workers=1, progress=False)
+    return synthetic.write_sample(path, n=N, seed=3, image_size=SIZE, workers=1, progress=False)
 
 
 # ---------------------------------------------------------------- format and metadata
@@ -46,7 +49,7 @@ def test_file_has_the_galaxy10_datasets_shapes_and_dtypes(sample: Path) -> None:
 
 def test_labels_follow_class_counts_and_are_interleaved(sample: Path) -> None:
     labels = read_all(sample)["ans"]
-    assert np.bincount(labels, minlength=len(CLASS_NAMES)).tolist() == sample_data.class_counts(N)
+    assert np.bincount(labels, minlength=len(CLASS_NAMES)).tolist() == synthetic.class_counts(N)
     assert (np.diff(labels.astype(int)) < 0).any(), "rows must be shuffled, not sorted by class"
 
 
@@ -72,37 +75,37 @@ def test_images_are_dark_sky_with_a_bright_centre(sample: Path) -> None:
 
 @pytest.mark.parametrize("n", [20, 21, 37, 100, 2000, 5000])
 def test_class_counts_sum_to_n_with_at_least_two_per_class(n: int) -> None:
-    counts = sample_data.class_counts(n)
+    counts = synthetic.class_counts(n)
     assert len(counts) == len(CLASS_NAMES)
     assert sum(counts) == n
     assert min(counts) >= 2
 
 
 def test_class_counts_at_full_size_are_the_real_counts() -> None:
-    assert sample_data.class_counts(17736) == list(REAL_CLASS_COUNTS)
+    assert synthetic.class_counts(17736) == list(REAL_CLASS_COUNTS)
 
 
 def test_class_counts_follow_the_real_proportions() -> None:
     quotas = 2000 * np.array(REAL_CLASS_COUNTS) / sum(REAL_CLASS_COUNTS)
-    assert np.abs(np.array(sample_data.class_counts(2000)) - quotas).max() < 1
+    assert np.abs(np.array(synthetic.class_counts(2000)) - quotas).max() < 1
 
 
 def test_too_few_images_for_every_class_is_an_error() -> None:
     with pytest.raises(Galaxy10Error, match="at least 20"):
-        sample_data.class_counts(19)
+        synthetic.class_counts(19)
 
 
 # ---------------------------------------------------------------- determinism and atomic writes
 
 
 def test_same_seed_gives_identical_files_with_any_worker_count(sample: Path, tmp_path: Path) -> None:
-    again = sample_data.write_sample(tmp_path / "again.h5", n=N, seed=3, image_size=SIZE, workers=2,
+    again = synthetic.write_sample(tmp_path / "again.h5", n=N, seed=3, image_size=SIZE, workers=2,
                                      progress=False)
     assert again.read_bytes() == sample.read_bytes()
 
 
 def test_different_seed_gives_different_images_and_order(sample: Path, tmp_path: Path) -> None:
-    other = read_all(sample_data.write_sample(tmp_path / "other.h5", n=N, seed=4, image_size=SIZE,
+    other = read_all(synthetic.write_sample(tmp_path / "other.h5", n=N, seed=4, image_size=SIZE,
                                               workers=1, progress=False))
     first = read_all(sample)
     assert not np.array_equal(first["images"], other["images"])
@@ -110,16 +113,16 @@ def test_different_seed_gives_different_images_and_order(sample: Path, tmp_path:
 
 
 def test_a_failure_mid_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    render_rows = sample_data.render_rows
+    render_rows = synthetic.render_rows
 
     def fail_after_first_block(seed: int, image_size: int, start: int, labels: np.ndarray) -> np.ndarray:
         if start > 0:
             raise OSError("disk full")
         return render_rows(seed, image_size, start, labels)
 
-    monkeypatch.setattr(sample_data, "render_rows", fail_after_first_block)
+    monkeypatch.setattr(synthetic, "render_rows", fail_after_first_block)
     with pytest.raises(OSError, match="disk full"):
-        sample_data.write_sample(tmp_path / "out.h5", n=N, image_size=32, workers=1, progress=False)
+        synthetic.write_sample(tmp_path / "out.h5", n=N, image_size=32, workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -130,7 +133,7 @@ def test_the_temporary_file_of_a_killed_run_is_removed_and_a_running_ones_kept(
     other = tmp_path / f".other.h5.tmp-{dead_pid()}"  # another file's: not this run's business
     for tmp in (killed, running, other):
         tmp.write_bytes(b"half an HDF5 file")
-    sample_data.write_sample(tmp_path / "s.h5", n=20, image_size=32, workers=1, progress=False)
+    synthetic.write_sample(tmp_path / "s.h5", n=20, image_size=32, workers=1, progress=False)
     assert [tmp.exists() for tmp in (killed, running, other)] == [False, True, True]
     said = capsys.readouterr().out
     assert said == f"removed {killed.name} from {tmp_path}, left by a run that was killed\n"
@@ -230,7 +233,7 @@ def blueness(image: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def by_class() -> dict[int, list[np.ndarray]]:
     return {
-        label: [sample_data.render_galaxy(label, np.random.default_rng([7, label, i]), SIZE)
+        label: [synthetic.render_galaxy(label, np.random.default_rng([7, label, i]), SIZE)
                 for i in range(10)]
         for label in range(len(CLASS_NAMES))
     }

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT, one_thread_env
 
 SCRIPTS = [ROOT / name for name in ("cnn.py", "cnn_use_model.py", "main.py", "load_data.py",

@@ -10,6 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import cnn
+import cnn_use_model as cum
+from galaxy10 import models, networks, preprocessing, trust
+from galaxy10.dataset import CLASS_NAMES
+from galaxy10.errors import run_cli
+
 from helpers import (
     aged,
     colour_folders,
@@ -18,13 +26,6 @@ from helpers import (
     save_original_checkpoint,
     spread_checkpoint,
 )
-from PIL import Image
-
-import cnn
-import cnn_use_model as cum
-import models
-import trust
-from galaxy10 import CLASS_NAMES, run_cli
 
 pytestmark = pytest.mark.usefixtures("cpu_inference", "one_torch_thread")
 
@@ -133,13 +134,13 @@ def calibrated_copy(source: Path, path: Path, temperature: float, outliers: trus
 
 def features_of(path: Path, images: list[np.ndarray]) -> list[torch.Tensor]:
     """The plain float32 model's features of these images, per space (what the statistics are fitted on)."""
-    import networks
+    from galaxy10 import networks
 
     checkpoint = models.read_checkpoint(path)
     network = networks.staged(checkpoint.model().eval())
     batch = torch.stack([checkpoint.record.preprocessing(Image.fromarray(a)) for a in images])
     with torch.no_grad():
-        return network(models.to_model_input(batch))[0]
+        return network(preprocessing.to_model_input(batch))[0]
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ def test_training_calibrates_and_reports_before_and_after(folders: Path, tmp_pat
 
 
 def test_calibrate_writes_a_new_file_and_never_rewrites_the_original(
-    original_model: models.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    original_model: networks.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     val = tmp_path / "val"
     colour_folders(val, classes=tuple(str(c) for c in range(10)), per_class=2, seed=3)

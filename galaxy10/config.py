@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from distributed import DEVICES, launcher, native_bf16
-from galaxy10 import Galaxy10Error
-from models import check_crop
-from networks import ARCHITECTURES, DEFAULT_ARCH
+from galaxy10.distributed import DEVICES, launcher, native_bf16
+from galaxy10.errors import Galaxy10Error
+from galaxy10.models import DEFAULT_CHECKPOINT
+from galaxy10.networks import ARCHITECTURES, DEFAULT_ARCH
+from galaxy10.preprocessing import check_crop
 
 PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTATIONS = ("original", "dihedral", "rotation", "none")
@@ -111,8 +112,7 @@ class Config:
 
     train_dir: str = flag("balanced_data/train", "training images, one folder per class")
     val_dir: str = flag("balanced_data/val", "validation images, one folder per class")
-    model_path: str = flag("based_on_balanced_data_model.pth", "checkpoint to write (the best epoch by "
-                                                               "val loss)")
+    model_path: str = flag(DEFAULT_CHECKPOINT, "checkpoint to write (the best epoch by val loss)")
     image_size: int = flag(256, "side in pixels images are resized to (a multiple of 32)")
     batch_size: int = flag(32, "images per training step and process: under torchrun with N processes a "
                                "step takes N x this")

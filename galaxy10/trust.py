@@ -55,6 +55,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(*TEMPERATURE_RANGE))
 
 
+def calibrated(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities softmax(logits / T) over the last axis: the one place a temperature is applied."""
+    return (logits / temperature).softmax(dim=-1)
+
+
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
     """The mean negative log-likelihood of the labels under softmax(logits / temperature)."""
     return float(F.cross_entropy(logits.double() / temperature, labels))

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from galaxy10 import Galaxy10Error
+from galaxy10.errors import Galaxy10Error
 
 ARCHITECTURE = "DeepCNN-5Block"  # the original's network, as its checkpoints name it
 DEFAULT_ARCH = "deepcnn5"

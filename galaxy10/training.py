@@ -1,63 +1,49 @@
 """The training loop: a `Run` (model, optimiser, schedule, data, random streams, early stopping) made from a
 `Config`, trained epoch by epoch (`train_epochs`: train, validate, schedule, keep the best checkpoint and the
-resume file), continued from a resume file (`restore`), and its model's predictions on a cache
-(`predict_logits`, `predict_tta`). Under torchrun every process runs this loop on its share of the data.
+resume file through resume.py). Under torchrun every process runs this loop on its share of the data. The
+per-epoch validation loss and accuracy here steer early stopping; the figures a run reports are measured on
+the model users get, by evaluation.py.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torchsummary import summary
-from tqdm import tqdm
 
-from augment import augment
-from config import Config, Recipe, resume_command
-from data import ImageCache, iterate_batches
-from distributed import (
+from galaxy10.augment import augment
+from galaxy10.config import Config, Recipe, resume_command
+from galaxy10.data import ImageCache, iterate_batches
+from galaxy10.distributed import (
     broadcast_buffers,
     data_parallel,
-    gather_from_every_process,
     is_main_process,
     process_seed,
-    rank,
     seed_dropout_per_process,
     sum_over_processes,
     world_size,
 )
-from galaxy10 import Galaxy10Error
-from models import (
-    Checkpoint,
-    ModelRecord,
-    Preprocessing,
-    TrainingData,
-    TrainingState,
-    dihedral_views,
-    resume_path,
-    to_model_input,
-)
-from networks import last_linear_name, load_pretrained, staged
-from reports import write_history
+from galaxy10.errors import Galaxy10Error
+from galaxy10.models import ModelRecord, TrainingData, resume_path
+from galaxy10.networks import last_linear_name, load_pretrained
+from galaxy10.preprocessing import Preprocessing, to_model_input
+from galaxy10.progress import progress_bar
+from galaxy10.reports import write_history
+from galaxy10.run import CheckpointWriter, EarlyStopping, Run, Scheduler, model_checkpoint, resume_checkpoint
 
 LABEL_SMOOTHING = 0.1
 MAX_GRAD_NORM = 1.0
 LR_FACTOR, LR_PATIENCE, MIN_LR = 0.5, 2, 1e-7
 LOG_EVERY = 20  # batches between progress-bar refreshes (each one waits for the GPU)
-# Evaluation keeps no activations, so on a GPU larger batches fit and run faster; on CPU they do not
-# (measured at 64 px on 2 cores: 198 img/s at batch 32, 152 at 128).
-EVAL_BATCH_FACTOR_GPU = 4
 
-Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
 
 
 # ---------------------------------------------------------------- optimiser and schedule
@@ -92,10 +78,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     """Optimiser steps in an epoch over num_images; under torchrun each process takes an equal share."""
     return math.ceil(num_images // world_size() / batch_size)
-
-
-def eval_batch_size(batch_size: int, device: torch.device) -> int:
-    return batch_size * EVAL_BATCH_FACTOR_GPU if device.type == "cuda" else batch_size
 
 
 # ---------------------------------------------------------------- one step, and predictions
@@ -143,37 +125,6 @@ def predict_logits(model: nn.Module, cache: ImageCache, batch_size: int, bf16: b
     return torch.cat(outputs)
 
 
-@torch.inference_mode()
-def predict_tta(model: nn.Module, cache: ImageCache, batch_size: int, bf16: bool = False,
-                temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities softmax(logits / temperature) for every cached image, averaged over its 8 flips
-    and quarter turns; each forward pass takes about batch_size images, as predict_logits's do."""
-    model.eval()
-    outputs = []
-    for images, _ in iterate_batches(cache, max(1, batch_size // 8)):
-        with mixed_precision(cache.device, bf16):
-            views = dihedral_views(to_model_input(images)).contiguous(memory_format=torch.channels_last)
-            probs = (model(views).float() / temperature).softmax(1)
-        outputs.append(probs.view(8, len(images), -1).mean(0))
-    return torch.cat(outputs)
-
-
-@torch.inference_mode()
-def predict_features(
-    model: nn.Module, cache: ImageCache, batch_size: int
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """float32 features (networks.StagedNetwork's, one (N, D) tensor per space) and logits for every cached
-    image, in cache order (no augmentation)."""
-    model.eval()
-    network = staged(model)
-    batches, logits = [], []
-    for images, _ in iterate_batches(cache, batch_size):
-        features, batch_logits = network(to_model_input(images).contiguous(memory_format=torch.channels_last))
-        batches.append(features)
-        logits.append(batch_logits.float())
-    return [torch.cat(space).cpu() for space in zip(*batches, strict=True)], torch.cat(logits).cpu()
-
-
 def evaluate(
     model: nn.Module, cache: ImageCache, criterion: nn.Module, batch_size: int, bf16: bool = False
 ) -> tuple[float, float]:
@@ -185,58 +136,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- the run
-
-
-@dataclass
-class EarlyStopping:
-    """Stops after `patience` epochs whose val loss is not `min_delta` below the best so far."""
-
-    patience: int
-    min_delta: float
-    best_loss: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-
-    def update(self, loss: float, epoch: int) -> bool:
-        """Record an epoch's val loss; True when it is the new best."""
-        if loss < self.best_loss - self.min_delta:
-            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-
-def new_history() -> dict[str, list[float]]:
-    return {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "lr": []}
-
-
-@dataclass
-class Run:
-    """Everything one training run holds; the fields the resume file restores are marked."""
-
-    config: Config  # resolved: the recipe's crop and augmentation filled in, the precision decided
-    device: torch.device
-    record: ModelRecord  # what the run's checkpoints say of the model; metrics filled in per checkpoint
-    model: nn.Module  # restored
-    forward: nn.Module  # the model, in DistributedDataParallel under torchrun, maybe compiled
-    optimizer: torch.optim.Optimizer  # restored
-    scheduler: Scheduler  # restored
-    criterion: nn.Module
-    train: ImageCache
-    val: ImageCache
-    shuffle_rng: torch.Generator  # restored
-    augment_rng: torch.Generator  # restored
-    stopper: EarlyStopping  # restored
-    history: dict[str, list[float]] = field(default_factory=new_history)  # restored
-    epoch: int = 0  # last finished epoch; restored
-
-    @property
-    def eval_batch_size(self) -> int:
-        return eval_batch_size(self.config.batch_size, self.device)
 
 
 def new_record(config: Config, class_names: Sequence[str], trained_on: TrainingData | None = None
@@ -337,8 +236,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
     seen = 0
     num_batches = steps_per_epoch(len(run.train), run.config.batch_size)
     batches = iterate_batches(run.train, run.config.batch_size, run.shuffle_rng)
-    bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{run.config.num_epochs}", unit="batch",
-               leave=False, disable=not is_main_process())
+    bar = progress_bar(batches, total=num_batches, desc=f"epoch {epoch}/{run.config.num_epochs}",
+                       unit="batch", leave=False, disable=not is_main_process())
     for step, (images, labels) in enumerate(bar, 1):
         loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, run.augment_rng,
                                 run.config.augment, run.config.bf16)
@@ -425,107 +324,3 @@ def train_epochs(run: Run) -> None:
         raise
     finally:
         writer.close()
-
-
-# ---------------------------------------------------------------- checkpoints of the run
-
-
-def model_checkpoint(run: Run) -> Checkpoint:
-    """The checkpoint of this epoch's model: its record with this epoch's val metrics, the weights, and the
-    optimiser and history, as the original's checkpoints held them."""
-    h = run.history
-    record = run.record.with_metrics(epoch=run.epoch, val_loss=h["val_loss"][-1], val_acc=h["val_acc"][-1])
-    return Checkpoint(record, run.model.state_dict(), TrainingState(run.optimizer.state_dict(), run.history))
-
-
-def resume_checkpoint(run: Run) -> Checkpoint:
-    """Everything needed to continue after the last finished epoch as if never stopped, every process's
-    random streams included."""
-    checkpoint = model_checkpoint(run)
-    assert checkpoint.training is not None
-    checkpoint.training.scheduler = run.scheduler.state_dict()
-    checkpoint.training.early_stopping = dataclasses.asdict(run.stopper)
-    checkpoint.training.rng = gather_from_every_process(rng_state(run))
-    return checkpoint
-
-
-def restore(run: Run, checkpoint: Checkpoint) -> None:
-    """Continue from a resume file of this run (its settings are the run's: config.resumed_config)."""
-    state = checkpoint.training
-    if state is None or state.scheduler is None or state.early_stopping is None:
-        raise Galaxy10Error(f"{resume_path(run.config.model_path)} is not a resume file: start without "
-                            "--resume")
-    run.model.load_state_dict(checkpoint.weights)
-    run.optimizer.load_state_dict(state.optimizer)
-    run.scheduler.load_state_dict(state.scheduler)
-    saved = state.early_stopping
-    run.stopper = EarlyStopping(run.config.patience, run.config.min_delta, saved["best_loss"],
-                                saved["best_epoch"], saved["bad_epochs"])
-    run.history = state.history
-    run.epoch = checkpoint.record.metrics.epoch or 0
-    restore_rng_of_this_process(run, state.rng or [])
-
-
-def rng_state(run: Run) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "shuffle": run.shuffle_rng.get_state(),
-             "augment": run.augment_rng.get_state(), "device_type": run.device.type}
-    if run.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(run: Run, state: dict[str, Any]) -> None:
-    """Restore the random streams; the device's streams only when resuming on the same kind of device."""
-    torch.set_rng_state(state["torch"])
-    run.shuffle_rng.set_state(state["shuffle"])
-    if state["device_type"] == run.device.type:
-        run.augment_rng.set_state(state["augment"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore_rng_of_this_process(run: Run, states: list[dict[str, Any]]) -> None:
-    """This process's random streams from a resume file. Written by as many processes as run now, each
-    continues its own; by another count, only the shuffling (the same in all) continues, and augmentation
-    and dropout keep this run's fresh streams: the processes' shares of the data differ anyway."""
-    if len(states) == world_size():
-        set_rng_state(run, states[rank()])
-        return
-    run.shuffle_rng.set_state(states[0]["shuffle"])
-    print(f"the resume file holds the random streams of {len(states)} process(es), not {world_size()}: "
-          "augmentation and dropout continue with fresh ones")
-
-
-def to_cpu(obj: Any) -> Any:
-    """A CPU copy of nested state, so it can be written while training goes on changing the original."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: to_cpu(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(value) for value in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = dataclasses.fields(obj)
-        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in fields if f.init})
-    return obj
-
-
-class CheckpointWriter:
-    """Saves checkpoints on a background thread, so a 0.9 GB write does not stall the GPU."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: list[Future[None]] = []
-
-    def save(self, checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
-        self._pending.append(self._pool.submit(to_cpu(checkpoint).save, path))
-
-    def wait(self) -> None:
-        """Block until every write has landed; re-raises a failed write."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        self.wait()
-        self._pool.shutdown()

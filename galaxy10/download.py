@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from galaxy10 import Galaxy10Error
+from galaxy10.errors import Galaxy10Error
+from galaxy10.progress import progress_bar
 
 BLOCK = 1 << 20  # bytes read, written and hashed at a time
 TIMEOUT_S = 60  # a connection that stalls this long fails (and can be resumed) instead of hanging forever
@@ -31,9 +32,9 @@ def part_path(target: Path) -> Path:
 
 def download(url: str, target: Path, sha256: str) -> None:
     """Make ``target`` the file at ``url`` whose SHA-256 is ``sha256``, resuming a part file left by an
-    interrupted run; an existing ``target`` is kept as it is (downloading 2.5 GB again is never implicit)."""
+    interrupted run; an existing ``target`` is kept as it is (downloading it again is never implicit)."""
     target = Path(target)
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):  # caught before the transfer, not after 2.5 GB
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):  # caught before the transfer, not after it
         raise Galaxy10Error(f"the expected SHA-256 must be 64 hexadecimal digits, got {sha256!r}")
     if target.exists():
         print(f"{target} is already here, not downloading it again (delete it to download it again)")
@@ -116,10 +117,7 @@ def copy_body(response: http.client.HTTPResponse, f: BinaryIO, start: int, total
               part: Path) -> None:
     """Append the response to ``f`` with a progress bar; whatever stops it short keeps the bytes that came,
     for the next run to resume from."""
-    from tqdm import tqdm
-
-    with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=part.name) as bar:
+    with progress_bar(total=total, initial=start, unit="B", unit_scale=True, desc=part.name) as bar:
         try:
             while block := response.read1(BLOCK):  # what has arrived: the bar and the part keep up
                 f.write(block)
@@ -158,12 +156,10 @@ def check_sha256(part: Path, expected: str) -> None:
 
 
 def sha256_of(path: Path) -> str:
-    """The file's SHA-256, with a progress bar: 2.5 GB take a while to read."""
-    from tqdm import tqdm
-
+    """The file's SHA-256, with a progress bar: the full dataset takes a while to read."""
     digest = hashlib.sha256()
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                    unit_divisor=1024, desc="sha256") as bar:
+    with path.open("rb") as f, progress_bar(total=path.stat().st_size, unit="B", unit_scale=True,
+                                           desc="sha256") as bar:
         while block := f.read(BLOCK):
             digest.update(block)
             bar.update(len(block))

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from galaxy10 import atomic_path
-from models import output_path
+from galaxy10.files import atomic_path
+from galaxy10.models import output_path
 
 ECE_BINS = 15
 

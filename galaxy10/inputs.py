@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog import CATALOG_SUFFIXES, Catalog, Row, open_catalog
-from galaxy10 import Galaxy10Error, Galaxy10File, open_galaxy10
-from images import IMAGE_SUFFIXES, is_image_file
+from galaxy10.catalog import CATALOG_SUFFIXES, Catalog, Row, open_catalog
+from galaxy10.dataset import CHUNK_ROWS, Galaxy10File, open_galaxy10
+from galaxy10.errors import Galaxy10Error
+from galaxy10.images import IMAGE_SUFFIXES, is_image_file
 
 H5_SUFFIXES = (".h5", ".hdf5")
-H5_CHUNK_ROWS = 64  # rows of an .h5 file read at a time (the full file is 2.7 GB)
 
 
 @dataclass
@@ -33,7 +33,7 @@ class H5Input:
         return f"{self.file.path}#{row}"
 
     def images(self) -> Iterator[np.ndarray]:
-        return self.file.iter_images(H5_CHUNK_ROWS)
+        return self.file.iter_images(CHUNK_ROWS)
 
 
 def open_h5(path: Path) -> H5Input:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from galaxy10 import Galaxy10Error
+from galaxy10.errors import Galaxy10Error
 
 # 40 megapixels is a 6,300 px square, far beyond any survey cutout; the decoded RGB is 120 MB.
 MAX_PIXELS = 40_000_000

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from distributed import is_main_process, this_process_part, this_process_share
-from galaxy10 import CLASS_NAMES, DATASET_INFO, Galaxy10Error
-from images import ImageError, is_image_file, open_image
-from models import IMAGE_EXTENSIONS, Preprocessing, TrainingData
+from galaxy10.dataset import CLASS_NAMES, DATASET_INFO
+from galaxy10.distributed import is_main_process, this_process_part, this_process_share
+from galaxy10.errors import Galaxy10Error
+from galaxy10.images import IMAGE_SUFFIXES, ImageError, is_image_file, open_image
+from galaxy10.models import TrainingData
+from galaxy10.preprocessing import Preprocessing
+from galaxy10.progress import progress_bar
 
 GPU_CACHE_SHARE = 0.5  # the image cache may take this share of free GPU memory
 
@@ -57,7 +59,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> FolderScan:
         paths += images
         labels += [label] * len(images)
     if not paths:
-        raise Galaxy10Error(f"the class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise Galaxy10Error(f"the class folders of {root} hold no images ({', '.join(IMAGE_SUFFIXES)})")
     return FolderScan(root, paths, labels, [p.name for p in folders])
 
 
@@ -130,8 +132,8 @@ def decode_images(paths: Sequence[Path], preprocessing: Preprocessing, workers: 
 
     pool = ThreadPoolExecutor(max_workers=max(workers, 1))
     try:
-        for _ in tqdm(pool.map(load, range(len(paths))), total=len(paths), desc=desc, unit="img",
-                      disable=not is_main_process()):
+        for _ in progress_bar(pool.map(load, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                              disable=not is_main_process()):
             pass
     finally:
         pool.shutdown(cancel_futures=True)  # after a bad image or Ctrl-C, skip the rest of the queue

@@ -5,8 +5,8 @@ row per input by way of shards: each process (a `--shard I/N`, or a torchrun ran
 hidden folder beside the output, durably after every chunk, so `--resume` continues a killed run; the last
 shard to finish merges them all back into input order, a block at a time (`write_predictions`).
 
-It is given the classifying function and never imports the model code: cnn_use_model.py classifies, this
-module reads and writes the tables.
+It is given the classifying function and never imports the model code: classify.py classifies, this module
+reads and writes the tables, whose columns are prediction.py's.
 """
 from __future__ import annotations
 
@@ -21,32 +21,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from distributed import torchrun_rank, wait_for_all
-from galaxy10 import Galaxy10Error, atomic_path
+from galaxy10.distributed import torchrun_rank, wait_for_all
+from galaxy10.errors import Galaxy10Error
+from galaxy10.files import atomic_path
+from galaxy10.prediction import ANSWERS, Prediction
 
-
-class Classified(Protocol):
-    """What the classifying function gives for a readable image (cnn_use_model.Prediction)."""
-
-    class_id: int
-    class_name: str
-    confidence: float
-    entropy: float
-    margin: float
-    flag: str
-    embedding: tuple[float, ...] | None
-    class_names: tuple[str, ...]
-    probabilities: tuple[float, ...]
-
-
-Result = Classified | Exception  # an Exception: the input could not be read; its message is the row's error
+Result = Prediction | Exception  # an Exception: the input could not be read; its message is the row's error
 # Classifies rows in order, given them and how many rows of this shard an earlier run already wrote.
 Classify = Callable[[Iterator["Row"], int], Iterator[tuple["Row", Result]]]
 
@@ -60,6 +47,7 @@ BARRIER_TIMEOUT = timedelta(days=7)
 PROGRESS = "progress.json"
 MERGE_CLAIM = "merging"
 MERGE_ROWS = 65_536  # rows per block written to the output: a Parquet row group of ~10 MB
+ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string()}  # an answer field's column type
 
 
 # ---------------------------------------------------------------- catalogs in
@@ -225,17 +213,12 @@ def output_file(out: Path | None, csv: Path | None) -> tuple[Path | None, str]:
 
 def output_schema(class_names: Sequence[str], id_field: pa.Field | None = None,
                   embedding_size: int | None = None) -> pa.Schema:
-    """One row per input: the catalog's id (with --id-column), the path, the prediction, how far to trust it
-    (the normalised entropy, the margin between the two best classes, the flag: ok, uncertain or
-    unlike-training), every class's probability, and why the input could not be read (null where it could)."""
+    """One row per input: the catalog's id (with --id-column), the path, the prediction's answer fields
+    (prediction.ANSWERS: the class, its confidence, how far to trust it), every class's probability, and
+    why the input could not be read (null where it could)."""
     fields = [
         pa.field("path", pa.string()),
-        pa.field("class_id", pa.int64()),
-        pa.field("class_name", pa.string()),
-        pa.field("confidence", pa.float64()),
-        pa.field("entropy", pa.float64()),
-        pa.field("margin", pa.float64()),
-        pa.field("flag", pa.string()),
+        *(pa.field(name, ARROW_TYPES[kind]) for name, (kind, _) in ANSWERS.items()),
         *(pa.field(name, pa.float64()) for name in class_names),
         pa.field("error", pa.string()),
     ]
@@ -256,8 +239,7 @@ def output_record(row: Row, result: Result, id_column: str | None) -> dict[str, 
     if isinstance(result, Exception):
         record["error"] = str(result)
     else:
-        record.update(class_id=result.class_id, class_name=result.class_name, confidence=result.confidence,
-                      entropy=result.entropy, margin=result.margin, flag=result.flag)
+        record.update(result.answers())
         if result.embedding is not None:
             record["embedding"] = list(result.embedding)
         record.update(zip(result.class_names, result.probabilities, strict=True))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galaxy10 import Galaxy10Error
+from galaxy10.errors import Galaxy10Error
 
 DEVICES = ("auto", "cpu", "cuda")
 T = TypeVar("T")

@@ -1,0 +1,183 @@
+"""What `cnn.py` does with its flags: train a model on class folders (`fit`): decode the images once, start
+from fresh, --weights or --init-from weights (or continue a --resume file), run the training loop
+(training.py), then calibrate the best epoch and report on it as it is served (evaluation.py). Under
+torchrun every process runs it; rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galaxy10.config import Config
+from galaxy10.data import (
+    FolderScan,
+    build_cache,
+    check_classes,
+    class_names_for,
+    scan_image_folder,
+    training_data,
+)
+from galaxy10.distributed import (
+    from_main_process,
+    is_main_process,
+    main_process_prints,
+    select_device,
+    torchrun_group,
+    world_size,
+)
+from galaxy10.errors import Galaxy10Error
+from galaxy10.evaluation import exact_for, fitted_trust, record_evaluated, served_model, write_evaluation
+from galaxy10.models import Checkpoint, ModelRecord, read_checkpoint, read_record, resume_path
+from galaxy10.networks import last_linear_name
+from galaxy10.reports import write_curves
+from galaxy10.run import Run, restore
+from galaxy10.training import make_run, new_record, train_epochs
+
+
+def fit(config: Config) -> dict[str, Any]:
+    """Train as configured (with `config.resume`, continue its interrupted run), then calibrate the best
+    epoch's model and report on it as it is served; returns the evaluation report on the val set."""
+    device = training_device(config.device)
+    exact = exact_for(config.precision)  # as given: auto reports on the model cnn_use_model.py serves
+    config = config.resolve(device)
+    train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
+    check_classes(train_scan, val_scan, config.num_classes)
+    check_images_per_process(train_scan, val_scan)
+    class_names = class_names_for(train_scan.classes, config.class_names)
+    record = new_record(config, class_names, training_data(train_scan))
+    initial = initial_weights(config, record)
+    train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
+    val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")
+    print(f"train {len(train)} images ({train.where}), val {len(val)} images ({val.where}), "
+          f"{record.num_classes} classes, device {device.type}, {config.precision}, {config.arch}, "
+          f"crop {config.crop:g}, augmentation {config.augment}")
+    if world_size() > 1:
+        print(f"{world_size()} processes, {world_size()} x {config.batch_size} images per step")
+    run = make_run(config, device, record, train, val)
+    if config.resume:
+        resumed = read_checkpoint(resume_path(config.model_path))
+        resumed.record.check_classes(record.class_names, config.train_dir, resume_path(config.model_path))
+        restore(run, resumed)
+        print(f"resuming after epoch {run.epoch} of {config.num_epochs}")
+    elif initial is not None:
+        start_from(run, initial, config.init_from)
+    started, first_epoch = time.perf_counter(), run.epoch
+    try:
+        train_epochs(run)
+    finally:
+        if run.history["val_loss"] and is_main_process():
+            write_curves(run.history, run.stopper.best_epoch, config.model_path)
+    if not is_main_process():
+        return from_main_process(None)  # the report, once rank 0 has written it
+    # Training and validation time of this run's epochs, and training images per second over them (each
+    # epoch takes the whole training set, shared among the processes under torchrun).
+    seconds = time.perf_counter() - started
+    best = finish_checkpoint(run.config.model_path, run.history, run.epoch)
+    model = served_model(best, Path(config.model_path).name, device)
+    model, calibration = fitted_trust(model, train, val, run.eval_batch_size, exact)
+    context = {"epoch": best.record.metrics.epoch, "val_dir": config.val_dir, "recipe": config.recipe,
+               "train_seconds": seconds,
+               "train_images_per_s": len(train) * (run.epoch - first_epoch) / seconds,
+               "calibration": calibration}
+    report = write_evaluation(model, val, config.model_path, run.eval_batch_size, context, exact)
+    best.record = record_evaluated(model.record, report)
+    best.save(config.model_path)
+    resume_path(config.model_path).unlink(missing_ok=True)
+    return from_main_process(report)
+
+
+def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: int) -> Checkpoint:
+    """The best checkpoint with the whole history and the epoch count."""
+    best = read_checkpoint(model_path)
+    assert best.training is not None  # cnn.py's model checkpoints keep the optimiser and history
+    best.training.history = history
+    best.record = best.record.with_metrics(epochs_trained=epochs)
+    return best
+
+
+def initial_weights(config: Config, record: ModelRecord) -> dict[str, torch.Tensor] | None:
+    """--init-from's weights, checked against the run before any image is decoded: the same network at the
+    same size. Trained on other classes, all but its output layer (fine-tuning onto new labels). A resumed run
+    continues from its own weights instead."""
+    if not config.init_from or config.resume:
+        return None
+    checkpoint = read_checkpoint(config.init_from, mmap=True)
+    checkpoint.record.check_network(config.arch, config.image_size, "--init-from", config.init_from)
+    if checkpoint.record.class_names == record.class_names:
+        return checkpoint.weights
+    with torch.device("meta"):  # names only: no memory, no initialisation work
+        output = f"{last_linear_name(record.build())}."
+    return {name: tensor for name, tensor in checkpoint.weights.items() if not name.startswith(output)}
+
+
+def start_from(run: Run, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load --init-from's weights into the run's model and say in one line what was kept and what is new."""
+    missing, _ = run.model.load_state_dict(weights, strict=False)
+    if not missing:
+        print(f"starting from the weights of {source}")
+        return
+    classes = run.record.class_names
+    print(f"starting from {source}: kept its network ({len(weights)} tensors); new: the output layer for "
+          f"{len(classes)} classes ({', '.join(classes)})" + (", the only layer trained (--freeze-body)"
+                                                            if run.config.freeze_body else ""))
+
+
+def saved_settings(model_path: str) -> dict[str, Any]:
+    """The settings of the interrupted run whose resume file sits beside model_path."""
+    path = resume_path(model_path)
+    if not path.is_file():
+        raise Galaxy10Error(f"--resume: {path} not found; it is written after each epoch and removed when "
+                            "a run finishes, so start without --resume (or check --model-path)")
+    settings = read_record(path).settings
+    if not settings:
+        raise Galaxy10Error(f"--resume: {path} holds no settings of its run: start without --resume")
+    return dict(settings)
+
+
+def training_device(name: str) -> torch.device:
+    """The device to train on; on CUDA with the fast kernels: cuDNN autotuning for the fixed batch shapes,
+    TF32 matrix products (training runs under bf16 autocast there anyway)."""
+    device = select_device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+
+@contextlib.contextmanager
+def training_processes(device: str) -> Iterator[None]:
+    """Under torchrun, join the other processes (NCCL on CUDA, one GPU each by LOCAL_RANK; gloo on CPU) and
+    print on rank 0 only. A single process is left as it is."""
+    with torchrun_group(device, gpu_collectives=True), main_process_prints():
+        yield
+
+
+def resume_after_restart(config: Config) -> Config:
+    """When torchrun restarts the processes (--max-restarts) after one died, continue from the resume file
+    the failed attempt left; without one (it died in its first epoch) start again. Rank 0 looks, so all
+    processes agree."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts or config.resume or not from_main_process(resume_path(config.model_path).is_file()):
+        return config
+    print(f"torchrun restart {restarts}: continuing from {resume_path(config.model_path)}")
+    return dataclasses.replace(config, resume=True)
+
+
+def check_images_per_process(train: FolderScan, val: FolderScan) -> None:
+    """Every process needs at least one training and one validation image."""
+    for scan in (train, val):
+        if len(scan.paths) < world_size():
+            raise Galaxy10Error(f"{scan.root} has {len(scan.paths)} images, fewer than the {world_size()} "
+                                "processes; start fewer with torchrun --nproc_per_node")
+
+
