@@ -105,8 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--exact", action="store_true",
-        help="float32 throughout: probabilities equal the plain model's, about 2x slower where the "
-             "CPU has native bfloat16 (default: off)",
+        help="float32 throughout: probabilities equal the plain model's, slower where the CPU has native "
+             "bfloat16 (default: off)",
     )
     parser.add_argument(
         "--device", choices=DEVICES, default="auto",

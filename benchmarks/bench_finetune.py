@@ -111,7 +111,7 @@ def summed(model_path: Path, test: list[tuple[Path, int]]) -> dict:
     """The Galaxy10 model's probabilities summed over each coarse class's members, on the coarse test set."""
     from sklearn.metrics import f1_score
 
-    from cnn_use_model import predict_batch
+    from galaxy10.inference import predict_batch
 
     predictions = predict_batch([path for path, _ in test], model_path, exact=True, device="cpu")
     members = [list(group) for group in COARSE.values()]

@@ -13,7 +13,7 @@ a model that never saw it, and measures:
 - calibration: the expected calibration error (15 bins) and negative log-likelihood of the held-out
   galaxies with T = 1 (before) and the fitted temperature (after), and accuracy; pooled over the folds
   and per fold (mean +- std);
-- the shares of held-out galaxies flagged unlike-training and uncertain (cnn_use_model.predict_batch);
+- the shares of held-out galaxies flagged unlike-training and uncertain (inference.predict_batch: as served);
 - the share of non-galaxy images flagged unlike-training, per kind: a seeded set of noise, empty sky,
   star fields, colour gradients and pieces of everyday photographs (scikit-learn's two sample images);
 - which score separates galaxies from non-galaxies better: the feature ensemble (what ships, trust.py:
@@ -162,29 +162,28 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def network_scores(model_path: Path, images: Sequence[object]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Raw logits (N, C) of the checkpoint's network for PIL images or RGB arrays, float32 throughout, and
-    two unlike-training scores (N,) from its features (networks.StagedNetwork): the feature ensemble that
-    ships (trust.Outliers.score) and the Mahalanobis distance in the penultimate features alone."""
+    """Raw logits (N, C) of the served model (inference.InferenceModel, float32: --exact) for PIL images or
+    RGB arrays, and two unlike-training scores (N,) from its features (networks.StagedNetwork): the feature
+    ensemble that ships (trust.Outliers.score) and the Mahalanobis distance in the penultimate features
+    alone."""
     import torch
     from PIL import Image
 
+    from galaxy10.inference import InferenceModel
     from galaxy10.models import read_checkpoint
-    from galaxy10.networks import staged
-    from galaxy10.preprocessing import to_model_input
 
     checkpoint = read_checkpoint(model_path)
-    network = staged(checkpoint.model().eval())
+    served = InferenceModel(checkpoint, model_path.name, torch.device("cpu"), all_features=True)
     outliers = checkpoint.record.outliers
     logits, ensemble, penultimate = [], [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), 64):
-            batch = torch.stack([checkpoint.record.preprocessing(
-                image if isinstance(image, Image.Image) else Image.fromarray(image))
-                for image in images[start:start + 64]])
-            features, batch_logits = network(to_model_input(batch))
-            logits.append(batch_logits.double())
-            ensemble.append(outliers.score(features))
-            penultimate.append(outliers.spaces[-1].distance(features[-1]))
+    for start in range(0, len(images), 64):
+        pictures = [image if isinstance(image, Image.Image) else Image.fromarray(image)
+                    for image in images[start:start + 64]]
+        batch = torch.stack([served.preprocess(picture) for picture in pictures])
+        features, batch_logits = served.forward(batch, exact=True)
+        logits.append(batch_logits.double())
+        ensemble.append(outliers.score(features))
+        penultimate.append(outliers.spaces[-1].distance(features[-1]))
     return torch.cat(logits).numpy(), {"ensemble": torch.cat(ensemble).numpy(),
                                        "penultimate": torch.cat(penultimate).numpy()}
 
@@ -197,15 +196,20 @@ def energy(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    from scipy.special import softmax as scipy_softmax
+    """Calibrated probabilities, as every consumer of a model computes them (trust.calibrated)."""
+    import torch
 
-    return scipy_softmax(logits / temperature, axis=1)
+    from galaxy10 import trust
+
+    return trust.calibrated(torch.from_numpy(logits), temperature).numpy()
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    from scipy.special import log_softmax
+    import torch
 
-    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels].mean())
+    from galaxy10 import trust
+
+    return trust.nll(torch.from_numpy(logits), torch.from_numpy(labels).long(), temperature)
 
 
 def ece_floor(probs: np.ndarray, draws: int = 1000, seed: int = 0) -> float:
@@ -234,9 +238,9 @@ def measure(model_path: Path, val_dir: Path, real: list[tuple[Path, int]],
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from cnn_use_model import predict_batch
     from galaxy10 import trust
     from galaxy10.data import scan_image_folder
+    from galaxy10.inference import predict_batch
     from galaxy10.models import read_record
     from galaxy10.reports import expected_calibration_error
 

@@ -32,8 +32,8 @@ class Recipe:
     """How the model is initialised and optimised; every checkpoint records which recipe made it.
 
     ``original`` is the original project's recipe exactly, kept so anyone can compare. ``default``
-    departs from it only where a measurement showed it fails (docs/training.md, "The training recipe");
-    each departure's field says what was measured.
+    departs from it only where a measurement showed it fails; each departure's field says why, and
+    docs/results.md ("The training recipe") gives the measurements.
     """
 
     name: str
@@ -50,14 +50,13 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         name="default",
-        # The original's N(0, 0.01) hidden layers shrink the signal ~1000x before the logits, and
-        # Adam's sign-like steps then kill their ReLUs (54-77% dead measured): 28-45% val acc on the
-        # built-in sample at 64 px. Kaiming init keeps the scale.
+        # The original's N(0, 0.01) hidden layers shrink the signal about a thousandfold before the
+        # logits, and Adam's sign-like steps then kill their ReLUs: the original recipe hardly learns the
+        # built-in sample. Kaiming init keeps the scale.
         head_init="kaiming",
-        # Kaiming init with the original's Adam at 1e-3: 29% after 7 epochs (64 px sample). Warm-up and
-        # cosine (below), built-in sample at 32 px, seed 0: AdamW (weight decay 0.05) at 0.3 x 1e-3,
-        # 95.7% after 4 epochs; AdamW at 1e-3, 67.5%; AdamW 1e-3 with the classifier at 1e-4, 84.2%
-        # after 5; Adam 1e-3 with the classifier at 1e-4, 65.2% after 3.
+        # Kaiming init alone, with the original's Adam at 1e-3, still learns little; AdamW with weight
+        # decay at 0.3 x --lr, warmed up then cosine-annealed, learns the sample in a few epochs, where a
+        # full rate or a slower classifier alone do not (docs/results.md, "The training recipe").
         optimizer="adamw",
         weight_decay=0.05,
         lr_scale=0.3,
@@ -66,7 +65,7 @@ RECIPES: dict[str, Recipe] = {
         schedule="cosine",
         warmup=0.1,
         # The galaxies fill the middle third of the frame (Dieleman et al. 2015 kept the central 207 of
-        # 424 px). Real galaxies, the crop sweep: docs/results.md.
+        # 424 px); on real galaxies, docs/results.md's crop sweep.
         crop=0.5,
         # A galaxy has no up or down: the 8 exact flips and quarter turns beat the original's
         # augmentations and full-circle rotation on real galaxies (docs/results.md, the augment sweep).
@@ -77,8 +76,8 @@ RECIPES: dict[str, Recipe] = {
 }
 # Named sets of defaults for --preset; flags given on the command line win.
 PRESETS: dict[str, dict[str, Any]] = {
-    # cpu: what `make demo` trains without a GPU, on the built-in sample, in about 90 s on 2 cores
-    # (docs/results.md, "The demo").
+    # cpu: what `make demo` trains without a GPU, on the built-in sample, in a few minutes on 2 cores
+    # (its time and accuracy: docs/results.md, "The demo").
     "cpu": {"image_size": 64, "num_epochs": 6, "patience": 3},
     # real-cpu: the best measured on the real galaxies of ../shared within 10 minutes of training on 2
     # cores (docs/results.md, "Real galaxies": the presets and budget sweeps). Patience = epochs, so early
@@ -87,8 +86,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "learning_rate": 0.0033},
 }
 # (preset, --arch) -> the preset's settings for that network, where its own differ: `--preset real-cpu
-# --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block, whose steps cost about twice resnet18's
-# and which learns little at resnet18's learning rate (docs/results.md, the network sweep).
+# --arch deepcnn5` is the real-cpu preset for DeepCNN-5Block, whose steps cost more than resnet18's
+# and which learns little at resnet18's learning rate (docs/results.md: training throughput, the network
+# sweep).
 PRESET_NETWORKS: dict[tuple[str, str], dict[str, Any]] = {
     ("real-cpu", "deepcnn5"): {"num_epochs": 80, "patience": 80, "learning_rate": 0.001},
 }

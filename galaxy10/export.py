@@ -130,7 +130,7 @@ def image_relpath(split: str, label: int, index: int) -> str:
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
-    # Level 1: galaxy noise barely compresses, so higher levels cost time for ~4% smaller files.
+    # Level 1: galaxy noise barely compresses, so higher levels cost time for little smaller files.
     Image.fromarray(image).save(path, format="PNG", compress_level=1)
 
 

@@ -210,8 +210,9 @@ class StagedNetwork(nn.Module):
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """The (N, C) float32 mean over the image of an (N, C, H, W) activation. Viewed as (N, HW, C), a
-    channels-last activation is summed in memory order: for bfloat16, four times faster than average pooling
-    or mean(), and as exact (the sum accumulates in float32; its one rounding is theirs too)."""
+    channels-last activation is summed in memory order, which for bfloat16 is faster than average pooling or
+    mean() (the prediction's time with and without these summaries: docs/results.md, "Inference, 256 px"),
+    and as exact (the sum accumulates in float32; its one rounding is theirs too)."""
     n, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(n, h * w, c).sum(1).float() / (h * w)
 

@@ -3,6 +3,7 @@ images, folders and .h5 files (catalogs and output files: test_catalog.py)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -46,13 +47,14 @@ from helpers import (
 pytestmark = pytest.mark.usefixtures("cpu_inference")  # the references are CPU float32
 
 
-def plain_probabilities(ckpt: Path, images: list[Image.Image]) -> torch.Tensor:
-    """The reference: cnn.py's own model and preprocessing, float32, no optimisation."""
+def plain_probabilities(ckpt: Path, images: list[Image.Image], temperature: float = 1.0) -> torch.Tensor:
+    """The reference: cnn.py's own model and preprocessing, float32, no optimisation; softmax(logits / T)
+    computed here by hand."""
     checkpoint = models.read_checkpoint(ckpt)
     model = checkpoint.model()
     batch = torch.stack([image_to_tensor(image, checkpoint.record.image_size) for image in images])
     with torch.no_grad():
-        return model(to_model_input(batch)).softmax(dim=1)
+        return (model(to_model_input(batch)) / temperature).softmax(dim=1)
 
 
 # ---------------------------------------------------------------- inputs and predictions
@@ -633,3 +635,70 @@ def test_the_grad_cam_overlay_covers_only_the_region_the_model_saw() -> None:
     assert (inside[..., 0] > inside[..., 2] + 40).all()  # tinted red
     whole = np.asarray(inference.overlay_heatmap(image, heatmap)).astype(int)
     assert (whole[..., 0] > whole[..., 2] + 40).all()  # crop 1: the whole frame
+
+
+# ---------------------------------------------------------------- one forward pass, one definition
+
+
+def with_temperature(path: Path, temperature: float) -> Path:
+    """The checkpoint at `path`, rewritten with this temperature in its record."""
+    checkpoint = models.read_checkpoint(path)
+    checkpoint.record = dataclasses.replace(checkpoint.record, temperature=temperature)
+    checkpoint.save(path)
+    return path
+
+
+def galaxy_folders(root: Path, per_class: int = 2) -> Path:
+    """root/<class id>/img_i.png for Galaxy10's ten classes: synthetic blobs, labelled at random."""
+    for label in range(len(CLASS_NAMES)):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.fromarray(galaxy_array(100 + label * per_class + i))
+            image.save(root / str(label) / f"img_{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_evaluate_reports_the_accuracy_of_the_served_answers(
+    tmp_path: Path, precision: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cnn.py --evaluate and cnn_use_model.py --out on one folder, with a temperature other than 1: the same
+    answers, so the same accuracy; and the report's ECE is the hand computation from the calibrated
+    probabilities of the plain float32 model (--precision fp32 measures what --exact serves)."""
+    ckpt = with_temperature(spread_checkpoint(tmp_path / "model.pth"), 1.7)
+    val = galaxy_folders(tmp_path / "val")
+    assert run_cli(cnn.main, ["--evaluate", "--model-path", str(ckpt), "--val-dir", str(val),
+                              "--precision", precision, "--device", "cpu"]) == 0
+    report = json.loads(models.output_path(ckpt, "report.json").read_text())
+    out = tmp_path / "answers.csv"
+    args = [str(val), "--model", str(ckpt), "--out", str(out), "--device", "cpu"]
+    assert run_cli(cum.cli_main, args + (["--exact"] if precision == "fp32" else [])) == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    correct = [int(row["class_id"]) == int(Path(row["path"]).parent.name) for row in rows]
+    assert report["accuracy"] == sum(correct) / len(rows) and len(rows) == report["n_samples"] == 20
+    if precision == "fp32":
+        from galaxy10.reports import expected_calibration_error
+
+        images = [Image.open(row["path"]) for row in rows]
+        probabilities = plain_probabilities(ckpt, images, temperature=1.7).double().numpy()
+        truth = np.array([int(Path(row["path"]).parent.name) for row in rows])
+        assert report["ece"] == pytest.approx(expected_calibration_error(truth, probabilities), abs=1e-6)
+        table = np.array([[float(row[name]) for name in CLASS_NAMES] for row in rows])
+        assert np.abs(table - probabilities).max() < 1e-5
+
+
+def test_every_answer_field_is_in_every_output_and_the_docs(ckpt: Path, tmp_path: Path) -> None:
+    """The line, the table's columns and the JSON all carry prediction.ANSWERS, and docs/inference.md and
+    docs/web.md list each one (adding a field is one edit there, and this test says what is missing)."""
+    from galaxy10.catalog import output_schema
+    from galaxy10.prediction import ANSWERS
+    from galaxy10.web import PredictionOut
+
+    schema = output_schema(CLASS_NAMES)
+    assert list(ANSWERS) == schema.names[1:1 + len(ANSWERS)]
+    assert set(ANSWERS) <= set(PredictionOut.model_fields)
+    assert set(ANSWERS) <= set(cum.predict(galaxy_array(1), ckpt).to_dict())
+    for page in ("inference.md", "web.md"):
+        text = (ROOT / "docs" / page).read_text()
+        assert [name for name in ANSWERS if f"`{name}`" not in text] == [], page

@@ -115,6 +115,7 @@ def test_demo_runs_from_another_folder(tmp_path: Path) -> None:
         f"{work} -m venv {venv}",
         f"{work} -m pip install -q --upgrade pip",
         f"{work} -m pip install -q -r {ROOT}/requirements.txt",
+        f"{work} -m pip install -q --no-deps -e {ROOT}/",  # the galaxy10 package, editable
         *demo,
     ]
     assert "no GPU: training the CPU profile (--preset cpu)" in first.stdout
@@ -133,7 +134,7 @@ def test_make_full_downloads_then_exports_once(tmp_path: Path) -> None:
     work = work.resolve()
     done = make(work, "full", f"VENV={venv}", f"PYTHON={python}")
     assert done.returncode == 0, done.stdout + done.stderr
-    calls = (venv / "calls.log").read_text().splitlines()[3:]  # after the environment's set-up
+    calls = (venv / "calls.log").read_text().splitlines()[4:]  # after the environment's set-up
     assert calls == [
         f"{work} {ROOT}/load_data.py --download --h5 Galaxy10_DECals.h5 --out data --force",
         f"{work} {ROOT}/preprocess_and_balancing.py --h5 Galaxy10_DECals.h5 --out balanced_data --force",

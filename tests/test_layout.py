@@ -69,7 +69,8 @@ def test_no_package_module_is_over_500_lines() -> None:
 def test_no_script_imports_another_and_the_package_imports_none(script: str) -> None:
     graph = import_graph()
     assert graph[script] & set(SCRIPTS) == set()
-    importers = [name for name, imports in graph.items() if name.startswith("galaxy10.") and script in imports]
+    importers = [name for name, imports in graph.items()
+                 if name.startswith("galaxy10.") and script in imports]
     assert importers == []
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import dataclasses
 import hashlib
 import io
@@ -15,11 +16,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import numpy as np
 import pytest
 import torch
@@ -28,12 +31,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.responses import PlainTextResponse
 
+import cnn_use_model as cum
 import main
 from cnn_use_model import grad_cam, predict
 from galaxy10 import models, networks, preprocessing, registry, trust, web
 from galaxy10.dataset import CLASS_NAMES
 from galaxy10.errors import run_cli
 from galaxy10.models import is_resume_file
+from galaxy10.prediction import ANSWERS
 from galaxy10.uploads import UploadLimitMiddleware
 from galaxy10.web import read_upload
 from main import create_app
@@ -42,6 +47,7 @@ from helpers import (
     biased_checkpoint,
     bomb_png,
     listening_socket,
+    one_thread_env,
     png_bytes,
     save_original_checkpoint,
     truncated,
@@ -1080,3 +1086,77 @@ def test_the_page_and_the_api_say_how_far_to_trust_an_answer(
     assert "validation accuracy 90.0%" in page
     row = re.search(r"<tr>\s*<th scope=\"row\">demo.*?</tr>", index, re.S)
     assert row is not None and "90.0%" in row[0] and "the built-in synthetic sample (2,380 images)" in row[0]
+
+
+# ---------------------------------------------------------------- one answer, every output; main:app
+
+
+def test_the_csv_row_and_the_api_agree_on_every_answer_field(
+    tmp_path: Path, galaxy_png: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One image through cnn_use_model.py --out and through /api/predict: the same model, the same answer
+    fields (class, confidence, entropy, margin, flag), whatever the temperature."""
+    (tmp_path / "models").mkdir()
+    ckpt = trust_checkpoint(tmp_path / "models" / "demo.pth", 1.7, False)
+    image = tmp_path / "galaxy.png"
+    image.write_bytes(galaxy_png)
+    out = tmp_path / "answers.csv"
+    assert run_cli(cum.cli_main, [str(image), "--model", str(ckpt), "--out", str(out)]) == 0
+    with out.open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    with TestClient(create_app(ckpt.parent)) as client:
+        answer = client.post("/api/predict", files={"file": ("galaxy.png", galaxy_png)}).json()
+    for name, (kind, _) in ANSWERS.items():
+        expected = kind(row[name])
+        assert answer[name] == (pytest.approx(expected, abs=1e-9) if kind is float else expected), name
+
+
+@pytest.mark.e2e
+def test_uvicorn_serves_main_app_with_several_workers_from_the_environment(
+    tmp_path: Path, galaxy_png: bytes
+) -> None:
+    """`uvicorn main:app --workers 2`, configured by the environment as `python main.py` is by its flags."""
+    biased_checkpoint(tmp_path / f"{BALANCED}.pth", SPREAD_BIAS)
+    with listening_socket() as probe:
+        port = probe.getsockname()[1]
+    env = one_thread_env(GALAXY10_MODELS_DIR=str(tmp_path), GALAXY10_MAX_UPLOAD_MB="1")
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--workers", "2", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        health = wait_for_http(f"{base}/healthz", server)
+        assert health == {"status": "ok", "models": 1}
+        answer = httpx.post(f"{base}/api/predict", files={"file": ("g.png", galaxy_png)}, timeout=60).json()
+        assert answer["class_name"] == CLASS_NAMES[2] and answer["model"] == BALANCED
+        big = httpx.post(f"{base}/api/predict", files={"file": ("g.png", b"0" * 2**21)}, timeout=60)
+        assert big.status_code == 413 and "1 MB limit" in big.json()["detail"]
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=60)[0].decode()
+    assert "Traceback" not in log and log.count("Application startup complete") == 2, log
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 120) -> Any:
+    """The JSON a URL answers once its server is up; fails if the server exits or never answers."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0].decode()
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def test_the_page_lists_the_answer_fields_its_declaration_gives(client: TestClient, galaxy_png: bytes
+                                                                ) -> None:
+    page = client.post("/upload-file/", files={"file": ("g.png", galaxy_png)}).text
+    answer = client.post("/api/predict", files={"file": ("g.png", galaxy_png)}).json()
+    for name, (_, how) in ANSWERS.items():
+        if how.page:
+            value = answer[name]
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            assert f"<dt>{how.page.capitalize()}</dt><dd>{shown}</dd>" in page, name
