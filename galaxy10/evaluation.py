@@ -35,18 +35,19 @@ def served_model(checkpoint: Checkpoint, name: str, device: torch.device) -> Inf
 
 
 def served_logits(model: InferenceModel, cache: ImageCache, batch_size: int, exact: bool, desc: str
-                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every cached image's features (one (N, D) tensor per space) and logits before calibration (N, C), from
-    the served forward pass, in cache order, on the CPU."""
-    features, logits = [], []
-    batches = iterate_batches(cache, batch_size)
+                  ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """Every cached image's features (per member, one (N, D) tensor per space) and the members' logits
+    before calibration (M, N, C), from the served forward pass, in cache order, on the CPU."""
+    batches_features, batches_logits = [], []
     with progress_bar(total=len(cache), desc=desc, unit="img") as bar:
-        for images, _ in batches:
-            batch_features, batch_logits = model.forward(images, exact=exact)
-            features.append([space.cpu() for space in batch_features])
-            logits.append(batch_logits.float().cpu())
+        for images, _ in iterate_batches(cache, batch_size):
+            features, logits = model.forward(images, exact=exact)
+            batches_features.append([[space.cpu() for space in member] for member in features])
+            batches_logits.append(logits.float().cpu())
             bar.update(len(images))
-    return [torch.cat(space) for space in zip(*features, strict=True)], torch.cat(logits)
+    features = [[torch.cat(space) for space in zip(*member, strict=True)]
+                for member in zip(*batches_features, strict=True)]
+    return features, torch.cat(batches_logits, dim=1)
 
 
 def served_probabilities(model: InferenceModel, cache: ImageCache, batch_size: int, exact: bool,
@@ -67,28 +68,39 @@ def fitted_trust(model: InferenceModel, train: ImageCache | None, val: ImageCach
                  exact: bool) -> tuple[InferenceModel, dict[str, Any]]:
     """The model under a record with a temperature fitted on val and the statistics that flag images unlike
     the training images (train's features thresholded on val, or val's alone, cross-fitted, where there is no
-    train: trust.py); and what calibration did: the val set's ECE and negative log-likelihood before and
-    after."""
+    train: trust.py; a committee's, per member); and what calibration did: the val set's ECE and negative
+    log-likelihood before and after."""
     val_features, val_logits = served_logits(model, val, batch_size, exact, "calibrating on val")
     labels = val.labels.cpu()
     temperature = trust.fit_temperature(val_logits, labels)
     if train is not None:
         train_features = served_logits(model, train, batch_size, exact, "training features")[0]
-        outliers = trust.fit_outliers(train_features, train.labels.cpu(), val_features)
+        members = [trust.fit_outliers(fitted, train.labels.cpu(), scored)
+                   for fitted, scored in zip(train_features, val_features, strict=True)]
     else:
-        outliers = trust.fit_outliers_on_val(val_features, labels)
-    ece = [expected_calibration_error(labels.numpy(), trust.calibrated(val_logits, t).double().numpy())
+        members = [trust.fit_outliers_on_val(features, labels) for features in val_features]
+    outliers = members[0] if len(members) == 1 else trust.CommitteeOutliers(tuple(members))
+    record = dataclasses.replace(model.record, temperature=temperature, outliers=outliers)
+    return model.with_record(record), calibration_report(val_logits, labels, temperature, outliers,
+                                                         val_features)
+
+
+def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float, outliers: trust.Trust,
+                       features: list[list[torch.Tensor]]) -> dict[str, Any]:
+    """What calibration did to these images' answers (ECE and NLL at T = 1 and at the fitted T) and the share
+    of them flagged unlike-training, printed in one line."""
+    ece = [expected_calibration_error(labels.numpy(), trust.calibrated(logits, t).double().numpy())
            for t in (1.0, temperature)]
     calibration = {"temperature": temperature, "ece_before": ece[0], "ece_after": ece[1],
-                   "nll_before": trust.nll(val_logits, labels),
-                   "nll_after": trust.nll(val_logits, labels, temperature),
-                   "outlier_threshold": outliers.threshold,
-                   "val_flagged_unlike_training": float(outliers.unlike(val_features).float().mean())}
-    print(f"calibration on {len(labels)} val images: temperature {temperature:.3f}, ECE {ece[0]:.3f} -> "
+                   "nll_before": trust.nll(logits, labels),
+                   "nll_after": trust.nll(logits, labels, temperature),
+                   "val_flagged_unlike_training": float(outliers.unlike_members(features).float().mean())}
+    if isinstance(outliers, trust.Outliers):  # a committee's members each have their own
+        calibration["outlier_threshold"] = outliers.threshold
+    print(f"calibration on {len(labels)} images: temperature {temperature:.3f}, ECE {ece[0]:.3f} -> "
           f"{ece[1]:.3f}, NLL {calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}; "
           f"{calibration['val_flagged_unlike_training']:.1%} of them flagged unlike-training")
-    record = dataclasses.replace(model.record, temperature=temperature, outliers=outliers)
-    return model.with_record(record), calibration
+    return calibration
 
 
 def write_evaluation(model: InferenceModel, val: ImageCache, model_path: str, batch_size: int,

@@ -16,6 +16,7 @@ import copy
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ class _Cast(nn.Module):
         return x.to(self.dtype)
 
 
-def _precision_pass(stages: list[nn.Module], head: nn.Sequential, dtype: torch.dtype) -> StagedNetwork:
+def _precision_pass(stages: list[nn.Module], head: nn.Sequential, dtype: torch.dtype, orientations: int
+                    ) -> StagedNetwork:
     """The network (BatchNorm folded into `stages`) computing in `dtype` up to the head's first Linear
     (DeepCNN-5Block's 32768x2048 at 256 px: 89% of its weights, which a batch-1 pass must read in full), then
     float32 for the small layers. The output layer is always float32, so the penultimate features (its input)
@@ -73,15 +75,37 @@ def _precision_pass(stages: list[nn.Module], head: nn.Sequential, dtype: torch.d
         low = copy.deepcopy(low).to(dtype)
     first = nn.Sequential(_Cast(dtype, channels_last=True), low[0])
     tail = nn.Sequential(*low[len(stages):], _Cast(torch.float32), *layers[first_linear:])
-    return StagedNetwork([first, *low[1:len(stages)]], tail).eval().requires_grad_(False)
+    return StagedNetwork([first, *low[1:len(stages)]], tail, orientations).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of a model (a committee has several), prepared: float32, and where the device computes
+    bfloat16 natively a bfloat16 copy up to the first linear layer (else the float32 one again)."""
+
+    fp32: StagedNetwork
+    bf16: StagedNetwork
+
+    @classmethod
+    def prepare(cls, network: nn.Module, spaces: int | None, device: torch.device) -> Member:
+        """The network cut into stages giving the last `spaces` features (all: None), BatchNorm folded into
+        the stages, on `device`."""
+        staged_network = staged(network, features=spaces)
+        stages = [fold_batchnorm(stage).to(device, memory_format=torch.channels_last)
+                  for stage in staged_network.stages]
+        head, orientations = staged_network.head.to(device), staged_network.orientations
+        fp32 = _precision_pass(stages, head, torch.float32, orientations)
+        bf16 = _precision_pass(stages, head, torch.bfloat16, orientations) if native_bf16(device) else fp32
+        return cls(fp32, bf16)
 
 
 class InferenceModel:
     """A checkpoint's model prepared for inference; shared by every thread (nothing in it is mutated). Its
     record (models.ModelRecord) says what it is: network, classes, calibration, and the preprocessing,
-    applied by `preprocess`. It computes the features the record's unlike-training statistics score (the
-    penultimate, the embedding, at least), or with `all_features` every stage's (evaluation.py fits the
-    statistics on them)."""
+    applied by `preprocess`. A committee (cnn.py --folds) is served as one model: its members' calibrated
+    probabilities averaged, their embeddings side by side, their unlike-training statistics combined
+    (trust.CommitteeOutliers). It computes the features the record's statistics score (the penultimate, the
+    embedding, at least), or with `all_features` every stage's (evaluation.py fits the statistics on them)."""
 
     def __init__(self, checkpoint: Checkpoint, name: str, device: torch.device, all_features: bool = False
                  ) -> None:
@@ -90,15 +114,8 @@ class InferenceModel:
         self.class_names = checkpoint.record.class_names
         self.device = device
         outliers = self.record.outliers
-        spaces = None if all_features else 1 if outliers is None else len(outliers.spaces)
-        network = staged(checkpoint.model(), features=spaces)
-        # The body's stages with BatchNorm folded, then the head (pooling, classifier); float32, and a
-        # bfloat16 copy where the device computes it natively.
-        stages = [fold_batchnorm(stage).to(device, memory_format=torch.channels_last)
-                  for stage in network.stages]
-        head = network.head.to(device)
-        self.fp32 = _precision_pass(stages, head, torch.float32)
-        self.bf16 = _precision_pass(stages, head, torch.bfloat16) if native_bf16(device) else self.fp32
+        spaces = None if all_features else 1 if outliers is None else outliers.spaces_per_member
+        self.members = [Member.prepare(network, spaces, device) for network in checkpoint.networks()]
 
     def with_record(self, record: ModelRecord) -> InferenceModel:
         """This prepared model under another record of the same weights (a new calibration, fitted on the
@@ -116,22 +133,27 @@ class InferenceModel:
 
     @property
     def embedding_size(self) -> int:
-        """The width of the penultimate features: the input of the output layer."""
-        return self.fp32.head[-1].in_features
+        """The width of the penultimate features (the input of the output layer), of every member."""
+        return sum(member.fp32.head[-1].in_features for member in self.members)
 
     def forward(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The features (one (B, D) tensor per space, the penultimate last) of a uint8 batch (B, 3, S, S) as
-        it is, and its logits before calibration: (B, C), or with `tta` (8B, C), the 8 flips and quarter turns
-        view-major (one forward pass of 8B images). With `exact`, float32 throughout."""
+                ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        """Each member's features (one (B, D) tensor per space, the penultimate last) of a uint8 batch
+        (B, 3, S, S) as it is, and the members' logits before calibration, stacked: (M, B, C), or with `tta`
+        (M, 8B, C), the 8 flips and quarter turns view-major (one forward pass of 8B images). With `exact`,
+        float32 throughout."""
         x = to_model_input(images.to(self.device))
         views = dihedral_views(x) if tta else x
-        network = self.fp32 if exact else self.bf16
+        features, logits = [], []
         with torch.inference_mode():
-            features, logits = network(views)
-            if network is not self.fp32:
-                logits = self._settle_near_ties(views, logits)
-        return [space[: len(images)] for space in features], logits
+            for member in self.members:
+                network = member.fp32 if exact else member.bf16
+                member_features, member_logits = network(views)
+                if network is not member.fp32:
+                    member_logits = _settle_near_ties(member.fp32, views, member_logits)
+                features.append([space[: len(images)] for space in member_features])
+                logits.append(member_logits)
+        return features, torch.stack(logits)
 
     def classify(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -143,47 +165,31 @@ class InferenceModel:
         with torch.inference_mode():
             probs = mean_over_views(trust.calibrated(logits, self.record.temperature), len(images))
             outliers = self.record.outliers
-            unlike = None if outliers is None else outliers.unlike(features).cpu()
-        return probs.cpu(), unlike, features[-1].cpu()
-
-    def _settle_near_ties(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Recompute in float32 the images whose top two bfloat16 logits are too close to call."""
-        top2 = logits.topk(2, dim=1).values
-        spread = logits.max(dim=1).values - logits.min(dim=1).values
-        doubtful = top2[:, 0] - top2[:, 1] < NEAR_TIE * spread
-        if doubtful.any():
-            logits[doubtful] = self.fp32(x[doubtful])[1]
-        return logits
+            unlike = None if outliers is None else outliers.unlike_members(features).cpu()
+            embedding = torch.cat([member[-1] for member in features], dim=1)
+        return probs.cpu(), unlike, embedding.cpu()
 
     def grad_cam(self, image: torch.Tensor, class_id: int | None
                  ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
         """Calibrated class probabilities (C,) of one uint8 image (3, S, S), its Grad-CAM (S, S) in [0, 1] for
-        `class_id` (None: the predicted class), and whether it lies unlike the training set (as `classify`),
-        all from one float32 forward pass.
+        `class_id` (None: the predicted class; a committee's, the mean of its members' maps), and whether it
+        lies unlike the training set (as `classify`), all from one float32 forward pass of each member.
 
         The last convolutional stage's activation (DeepCNN-5Block's before its max-pool) is detached and made
         the leaf that autograd differentiates to, so no hook touches the shared model and threads do not
         interfere.
         """
         x = to_model_input(image[None].to(self.device))
-        network = self.fp32
-        with torch.no_grad():
-            summaries, activation = network.through_body(x)
-        activation.requires_grad_(True)
-        with torch.enable_grad():
-            features = network.head[:-1](activation)
-            logits = network.head[-1](features)
-            target = int(logits[0].argmax()) if class_id is None else class_id
-            (gradient,) = torch.autograd.grad(logits[0, target], activation)
-        weights = gradient.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
+        passes = [_differentiable_pass(member.fp32, x) for member in self.members]
+        logits = torch.stack([member_logits.detach() for _, _, _, member_logits in passes])  # (M, 1, C)
+        probs = trust.calibrated(logits, self.record.temperature)[0].cpu()
+        target = int(probs.argmax()) if class_id is None else class_id
         size = (self.record.image_size, self.record.image_size)
-        cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
-        peak = cam.max()
-        cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-        probs = trust.calibrated(logits.detach()[0], self.record.temperature).cpu()
+        cam = torch.stack([_cam(activation, member_logits[0, target], size)
+                           for _, activation, _, member_logits in passes]).mean(0)
         outliers = self.record.outliers
-        unlike = None if outliers is None else outliers.unlike([*summaries, features.detach()]).cpu()
+        unlike = None if outliers is None else outliers.unlike_members(
+            [[*summaries, features.detach()] for summaries, _, features, _ in passes]).cpu()
         return probs, cam.clamp_(0, 1).float().cpu().numpy(), unlike
 
     def predictions(self, images: torch.Tensor, *, top_k: int | None = None, tta: bool = False,
@@ -195,6 +201,39 @@ class InferenceModel:
         return [Prediction.of(p, self.class_names, self.name, top_k, flags[i], min_confidence,
                               hidden[i] if embeddings else None)
                 for i, p in enumerate(probs)]
+
+
+def _settle_near_ties(fp32: StagedNetwork, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Recompute in float32 the images whose top two bfloat16 logits are too close to call."""
+    top2 = logits.topk(2, dim=1).values
+    spread = logits.max(dim=1).values - logits.min(dim=1).values
+    doubtful = top2[:, 0] - top2[:, 1] < NEAR_TIE * spread
+    if doubtful.any():
+        logits[doubtful] = fp32(x[doubtful])[1]
+    return logits
+
+
+def _differentiable_pass(network: StagedNetwork, x: torch.Tensor
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stage summaries, the last stage's activation as a leaf that requires its gradient, the
+    penultimate features and the logits of one image."""
+    with torch.no_grad():
+        summaries, activation = network.through_body(x)
+    activation.requires_grad_(True)
+    with torch.enable_grad():
+        features = network.head[:-1](activation)
+        return summaries, activation, features, network.head[-1](features)
+
+
+def _cam(activation: torch.Tensor, score: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM: the activation's channels weighted by the score's mean gradient, rectified, resized to the
+    model's input and scaled to a peak of 1."""
+    (gradient,) = torch.autograd.grad(score, activation)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
+    peak = cam.max()
+    return cam / peak if peak > 0 else torch.zeros_like(cam)
 
 
 def mean_over_views(probs: torch.Tensor, count: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from galaxy10.networks import (
     by_title,
 )
 from galaxy10.preprocessing import Preprocessing
-from galaxy10.trust import Gaussian, Outliers
+from galaxy10.trust import CommitteeOutliers, Gaussian, Outliers, Trust
 
 PRECISIONS_RUN = ("fp32", "bf16")  # what a training run computed in
 # The original project's checkpoints (its model.pth and based_on_balanced_data_model.pth) hold exactly
@@ -100,7 +100,8 @@ class ModelRecord:
     settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
     temperature: float = 1.0  # calibrates the probabilities: softmax(logits / temperature)
     # What flags an image unlike the training set (trust.py); None: none is flagged.
-    outliers: Outliers | None = field(default=None, compare=False)
+    outliers: Trust | None = field(default=None, compare=False)
+    members: int = 1  # a committee (cnn.py --folds K) serves the mean of K networks' calibrated answers
 
     @property
     def architecture(self) -> Architecture:
@@ -167,10 +168,8 @@ class ModelRecord:
             "final_val_acc": self.metrics.val_acc,
             "epochs_trained": self.metrics.epochs_trained,
             "temperature": self.temperature,
-            "outliers": None if self.outliers is None else {
-                "spaces": [{"means": g.means, "precision": g.precision} for g in self.outliers.spaces],
-                "centre": list(self.outliers.centre), "scale": list(self.outliers.scale),
-                "threshold": self.outliers.threshold},
+            "outliers": _outliers_dict(self.outliers),
+            "members": self.members,
         }
 
     @classmethod
@@ -198,15 +197,27 @@ class ModelRecord:
             settings=settings,
             temperature=float(checkpoint.get("temperature", 1.0)),
             outliers=_outliers(checkpoint.get("outliers")),
+            members=int(checkpoint.get("members", 1)),
         )
 
 
-def _outliers(saved: Mapping[str, Any] | None) -> Outliers | None:
-    """The unlike-training statistics; a record from before the feature ensemble held the penultimate
-    features' Gaussian and a threshold on its distance, which is that one space's score with centre 0 and
-    scale 1 on the log distance."""
+def _outliers_dict(outliers: Trust | None) -> dict[str, Any] | None:
+    if outliers is None:
+        return None
+    if isinstance(outliers, CommitteeOutliers):
+        return {"members": [_outliers_dict(member) for member in outliers.members]}
+    return {"spaces": [{"means": g.means, "precision": g.precision} for g in outliers.spaces],
+            "centre": list(outliers.centre), "scale": list(outliers.scale), "threshold": outliers.threshold}
+
+
+def _outliers(saved: Mapping[str, Any] | None) -> Trust | None:
+    """The unlike-training statistics (a committee's, per member); a record from before the feature ensemble
+    held the penultimate features' Gaussian and a threshold on its distance, which is that one space's score
+    with centre 0 and scale 1 on the log distance."""
     if saved is None:
         return None
+    if "members" in saved:
+        return CommitteeOutliers(tuple(_outliers(member) for member in saved["members"]))
     if "spaces" not in saved:
         return Outliers((Gaussian(saved["means"], saved["precision"]),), (0.0,), (1.0,),
                         math.log(max(saved["threshold"], 1e-12)))
@@ -256,12 +267,26 @@ class Checkpoint:
     training: TrainingState | None = None
 
     def model(self) -> nn.Module:
-        """The trained network in eval mode; weights that do not fit the record (a damaged or hand-edited
-        file) are a Galaxy10Error, not a RuntimeError deep in torch."""
+        """The trained network in eval mode (a committee's first member); weights that do not fit the record
+        (a damaged or hand-edited file) are a Galaxy10Error, not a RuntimeError deep in torch."""
+        return self.networks()[0]
+
+    def networks(self) -> list[nn.Module]:
+        """The trained networks in eval mode: one, or a committee's members in order."""
+        return [self._network(weights) for weights in self.member_weights()]
+
+    def member_weights(self) -> list[dict[str, torch.Tensor]]:
+        """The weights of each network: a committee's are stored under members.<k>. in one state dict."""
+        if self.record.members == 1:
+            return [self.weights]
+        return [{name.split(".", 2)[2]: tensor for name, tensor in self.weights.items()
+                 if name.startswith(f"members.{k}.")} for k in range(self.record.members)]
+
+    def _network(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         record = self.record
         model = record.build()
         try:
-            model.load_state_dict(self.weights)
+            model.load_state_dict(weights)
         except (RuntimeError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0]
             raise Galaxy10Error(f"the weights do not fit a {record.image_size} px {record.title} with "
@@ -281,6 +306,13 @@ class Checkpoint:
         """Write the checkpoint atomically."""
         with atomic_path(path) as tmp:
             torch.save(self.to_dict(), tmp)
+
+    @classmethod
+    def committee(cls, record: ModelRecord, members: list[dict[str, torch.Tensor]]) -> Checkpoint:
+        """One checkpoint of several networks' weights (one record, `record.members` of them)."""
+        weights = {f"members.{k}.{name}": tensor
+                   for k, state in enumerate(members) for name, tensor in state.items()}
+        return cls(replace(record, members=len(members)), weights)
 
     @classmethod
     def from_dict(cls, checkpoint: Mapping[str, Any]) -> Checkpoint:

@@ -8,6 +8,7 @@ into `ARCHITECTURES`. It imports none of the scripts.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,12 +19,14 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from galaxy10.equivariant import D4ResNet, fold_field_norms
 from galaxy10.errors import Galaxy10Error
 
 ARCHITECTURE = "DeepCNN-5Block"  # the original's network, as its checkpoints name it
 DEFAULT_ARCH = "deepcnn5"
 # torchvision's networks on offer, each built from scratch or from --weights (docs/training.md).
 TORCHVISION_ARCHS = ("resnet18", "resnet50", "convnext_tiny", "efficientnet_v2_s", "efficientnet_b0")
+D4_ARCH = "d4resnet18"  # equivariant.D4ResNet: the same answer for an image turned or mirrored
 # The normalisation torchvision's ImageNet weights expect (weights.transforms().mean and .std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,6 +140,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     DEFAULT_ARCH: Architecture(DEFAULT_ARCH, ARCHITECTURE, torchvision=False),
     **{name: Architecture(name, name, torchvision=True, cpu_bf16=name not in SLOW_CPU_BF16)
        for name in TORCHVISION_ARCHS},
+    D4_ARCH: Architecture(D4_ARCH, D4_ARCH, torchvision=False),
 }
 
 
@@ -156,13 +160,15 @@ def build_model(
     arch: str, num_classes: int, image_size: int, head_init: str = "normal",
     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
 ) -> nn.Module:
-    """A fresh network: DeepCNN-5Block (whose classifier `head_init` initialises), or a torchvision one
-    normalising its input with `mean` and `std` (ImageNet's by default)."""
-    if not architecture(arch).torchvision:
+    """A fresh network: DeepCNN-5Block (whose classifier `head_init` initialises), the D4-equivariant ResNet,
+    or a torchvision one normalising its input with `mean` and `std` (ImageNet's by default)."""
+    if arch == DEFAULT_ARCH:
         return CNNModel(num_classes, image_size, head_init)
     if image_size % 32 or image_size < 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-    return TorchvisionNet(arch, num_classes, mean, std)
+    if arch == D4_ARCH:
+        return D4ResNet(num_classes)
+    return TorchvisionNet(architecture(arch).name, num_classes, mean, std)
 
 
 def split_at_last_conv(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
@@ -171,6 +177,8 @@ def split_at_last_conv(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
     is model(x)."""
     if isinstance(model, CNNModel):  # the last block's activations come before its max-pool
         return nn.Sequential(*model.features[:-1]), nn.Sequential(model.features[-1], *model.classifier)
+    if isinstance(model, D4ResNet):  # the last stage's fields, their orientations pooled
+        return nn.Sequential(*model.features), nn.Sequential(*model.classifier)
     children = dict(model.net.named_children())
     names = list(children)
     pool = names.index("avgpool")
@@ -187,19 +195,25 @@ class StagedNetwork(nn.Module):
     head. forward(x) is (features, logits): logits as the network gives them, and features, what trust.py
     scores images by: every stage but the last averaged over the image (its statistics at that scale), then
     the penultimate features (the input of the output layer, which also summarise the last stage). The
-    features come in float32 whatever the stages compute in."""
+    features come in float32 whatever the stages compute in. A network of D4 fields (`orientations` 8,
+    equivariant.py) also averages each field's orientations, so that its features too stay the same when
+    the image is turned or mirrored."""
 
-    def __init__(self, stages: Sequence[nn.Module], head: nn.Sequential) -> None:
+    def __init__(self, stages: Sequence[nn.Module], head: nn.Sequential, orientations: int = 1) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.head = head
+        self.orientations = orientations
 
     def through_body(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The stage summaries and the last stage's activation, where Grad-CAM looks."""
         summaries = []
         for stage in self.stages[:-1]:
             x = stage(x)
-            summaries.append(spatial_mean(x))
+            summary = spatial_mean(x)
+            if self.orientations > 1:
+                summary = summary.view(len(summary), -1, self.orientations).mean(2)
+            summaries.append(summary)
         return summaries, self.stages[-1](x)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -226,7 +240,7 @@ def staged(model: nn.Module, features: int | None = None) -> StagedNetwork:
     if features is not None:
         leading = max(1, len(stages) - features + 1)
         stages = [nn.Sequential(*stages[:leading]), *stages[leading:]]
-    return StagedNetwork(stages, head)
+    return StagedNetwork(stages, head, getattr(model, "orientations", 1))
 
 
 def stages_by_resolution(body: nn.Sequential) -> list[nn.Sequential]:
@@ -252,8 +266,9 @@ def stages_by_resolution(body: nn.Sequential) -> list[nn.Sequential]:
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An eval-mode copy with every BatchNorm folded into the convolution before it (torch.fx traces the
-    network and fuses each Conv2d -> BatchNorm2d pair): exact up to float rounding, one pass less."""
-    return fuse(module.eval(), inplace=False)
+    network and fuses each Conv2d -> BatchNorm2d pair; a D4 network's FieldNorms fold into their group
+    convolutions first): exact up to float rounding, one pass less."""
+    return fuse(fold_field_norms(copy.deepcopy(module).eval()), inplace=True)
 
 
 def load_pretrained(model: nn.Module, arch: str, weights: str) -> str:

@@ -39,15 +39,16 @@ TEMPERATURE_RANGE = (0.25, 20.0)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T) on these labels,
-    within TEMPERATURE_RANGE."""
+    """The temperature T minimising the negative log-likelihood of the calibrated probabilities (one model's
+    logits (N, C), or a committee's (M, N, C): see `log_calibrated`) on these labels, within
+    TEMPERATURE_RANGE."""
     logits, labels = logits.detach().double(), labels.detach()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.nll_loss(log_calibrated(logits, log_t.exp()), labels)
         loss.backward()
         return loss
 
@@ -55,14 +56,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(*TEMPERATURE_RANGE))
 
 
+def log_calibrated(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """The log of the calibrated class probabilities, over the last axis: log softmax(logits / T) of one
+    model's logits (..., C); of a committee's, stacked (M, ..., C), the log of its members' mean. The one
+    place a temperature is applied."""
+    scaled = F.log_softmax(logits / temperature, dim=-1)
+    if logits.dim() < 3:
+        return scaled
+    return torch.logsumexp(scaled, dim=0) - math.log(len(logits))
+
+
 def calibrated(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Class probabilities softmax(logits / T) over the last axis: the one place a temperature is applied."""
-    return (logits / temperature).softmax(dim=-1)
+    """The calibrated class probabilities of one model's logits (..., C) or a committee's (M, ..., C)."""
+    return log_calibrated(logits, temperature).exp()
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
-    """The mean negative log-likelihood of the labels under softmax(logits / temperature)."""
-    return float(F.cross_entropy(logits.double() / temperature, labels))
+    """The mean negative log-likelihood of the labels under the calibrated probabilities."""
+    return float(F.nll_loss(log_calibrated(logits.double(), temperature), labels))
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -144,6 +155,37 @@ class Outliers:
 
     def unlike(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.score(features) > self.threshold
+
+    @property
+    def spaces_per_member(self) -> int:
+        return len(self.spaces)
+
+    def unlike_members(self, member_features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """`unlike` of a single model's features, given as a committee of one's."""
+        (features,) = member_features
+        return self.unlike(features)
+
+
+@dataclass(frozen=True)
+class CommitteeOutliers:
+    """A committee's statistics: each member's own (fitted on its training images' features, standardised
+    and thresholded on the images it never saw), and an image is unlike the training set where its score
+    lies above the threshold on average over the members. A new image is unseen by every member, so each
+    member scores it as it scored its held-out fold: averaging flags no more of the images like the training
+    set than one member would, and keeps flagging what every member finds far."""
+
+    members: tuple[Outliers, ...]
+
+    @property
+    def spaces_per_member(self) -> int:
+        return len(self.members[0].spaces)
+
+    def unlike_members(self, member_features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        over = [m.score(f) - m.threshold for m, f in zip(self.members, member_features, strict=True)]
+        return torch.stack(over).mean(0) > 0
+
+
+Trust = Outliers | CommitteeOutliers  # what a model record holds to flag unlike-training images
 
 
 def log_distance(space: Gaussian, features: torch.Tensor) -> torch.Tensor:
