@@ -45,7 +45,7 @@ from galaxy10.errors import Galaxy10Error, run_cli
 from galaxy10.fitting import training_device
 from galaxy10.networks import ARCHITECTURES, CNNModel, build_model
 from galaxy10.preprocessing import Preprocessing
-from galaxy10.training import LABEL_SMOOTHING, MAX_GRAD_NORM, make_optimizer, make_scheduler, train_step
+from galaxy10.training import MAX_GRAD_NORM, make_optimizer, make_scheduler, train_step
 
 import record
 
@@ -126,7 +126,7 @@ def bench_pipeline(cache: ImageCache, arch: str, bf16: bool, args: argparse.Name
     forward.train()
     optimizer = make_optimizer(model, recipe, Config.learning_rate, device)
     scheduler = make_scheduler(optimizer, recipe, args.warmup + args.steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    criterion = nn.CrossEntropyLoss(label_smoothing=Config().label_smoothing)
     shuffle, augment = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1)
     batches = forever(lambda: iterate_batches(cache, args.batch_size, shuffle))
 
@@ -170,7 +170,7 @@ def bench_original(root: Path, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = CNNModel(len(CLASS_NAMES), args.image_size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    criterion = nn.CrossEntropyLoss(label_smoothing=Config().label_smoothing)
     batches = forever(lambda: iter(loader))
 
     def step() -> None:

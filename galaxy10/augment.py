@@ -1,11 +1,14 @@
 """Training's augmentation, on the device, per sample, on float batches in [0, 1]: the original project's
 (flip, rotation, shift, perspective, brightness and contrast, as torchvision's transforms draw them but one
 resample per batch), the dihedral group's exact flips and quarter turns, and rotation by any angle.
-`augment(x, generator, mode)` applies one of `config.AUGMENTATIONS`."""
+`augment(x, generator, mode)` applies one of `config.AUGMENTATIONS`; `mix_batch` then mixes images and
+labels (--mixup, --cutmix)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +135,54 @@ def augment(x: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Ten
     if mode == "rotation":
         return rotate_batch(x, generator)
     return x
+
+
+def beta(alpha: float, generator: torch.Generator) -> float:
+    """One draw of Beta(alpha, alpha), seeded from the run's own random stream (torch draws no Beta from a
+    generator of ours), so a resumed run draws the same."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How a run mixes its batches: the Beta parameters of mixup and cutmix (0: off), over its classes."""
+
+    mixup: float
+    cutmix: float
+    classes: int
+
+    def __bool__(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def mix_batch(x: torch.Tensor, labels: torch.Tensor, mixing: Mixing, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with itself reversed: images blended
+    by a weight w ~ Beta(a, a), or a box of the reversed batch pasted in (w: the area left), and the one-hot
+    labels blended by w. With both on, each batch takes one of the two. Returns the images and the soft
+    targets (B, C)."""
+    one_hot = F.one_hot(labels, mixing.classes).to(x.dtype)
+    use_cutmix = mixing.cutmix > 0 and (mixing.mixup <= 0 or bool(
+        torch.rand(1, generator=generator, device=generator.device) < 0.5))
+    weight = beta(mixing.cutmix if use_cutmix else mixing.mixup, generator)
+    partner = x.flip(0)
+    if use_cutmix:
+        x, weight = paste_box(x, partner, weight, generator)
+    else:
+        x = x * weight + partner * (1 - weight)
+    return x, one_hot * weight + one_hot.flip(0) * (1 - weight)
+
+
+def paste_box(x: torch.Tensor, partner: torch.Tensor, weight: float, generator: torch.Generator
+              ) -> tuple[torch.Tensor, float]:
+    """`partner`'s pixels in a box of 1 - weight of the area, centred at random (cut at the edges); returns
+    the images and the share of each image left its own."""
+    height, width = x.shape[2:]
+    side = math.sqrt(1 - weight)
+    cy, cx = torch.rand(2, generator=generator, device=generator.device).cpu() * torch.tensor([height, width])
+    top, bottom = int(max(cy - side * height / 2, 0)), int(min(cy + side * height / 2, height))
+    left, right = int(max(cx - side * width / 2, 0)), int(min(cx + side * width / 2, width))
+    x = x.clone()
+    x[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
+    return x, 1 - (bottom - top) * (right - left) / (height * width)

@@ -141,6 +141,19 @@ class Config:
     preset: str = flag("", "a named set of defaults: cpu (the demo: a few minutes on a CPU) or real-cpu (a "
                            "small set of real galaxies, 10 minutes on a CPU); explicit flags win",
                        choices=tuple(PRESETS))
+    label_smoothing: float = flag(0.1, "the share of each label's target spread over the other classes")
+    weight_decay: float | None = flag(None, "the optimiser's weight decay (default: the recipe's: 0.05 "
+                                            "default, 0 original)", kind=float)
+    mixup: float = flag(0.0, "mix each batch with itself reversed, images and labels, by a weight drawn from "
+                             "Beta(A, A); 0 is off")
+    cutmix: float = flag(0.0, "paste a box of each batch reversed into it, the labels mixed by the box's "
+                              "area, drawn from Beta(A, A); 0 is off; with --mixup, each batch one of the "
+                              "two")
+    ema: float = flag(0.0, "validate and keep an exponential moving average of the weights with this decay "
+                           "per step (e.g. 0.998); 0 is off")
+    folds: int = flag(1, "train a committee of K members, each on K-1 folds of --train-dir and --val-dir "
+                         "together (stratified) with its own fold for early stopping; report, calibrate and "
+                         "flag on the out-of-fold answers; one checkpoint serves them as one model")
     seed: int = flag(42, "seed for weights, shuffling, augmentation and dropout")
     device: str = flag("auto", "auto picks cuda when available", choices=DEVICES)
     precision: str = flag("auto", "bfloat16 autocast for training and validation; auto uses it on CUDA and "
@@ -316,11 +329,16 @@ def check_config(config: Config) -> None:
     if config.image_size < 32 or config.image_size % 32:
         raise Galaxy10Error(f"--image-size must be a positive multiple of 32 (the model halves it 5 times), "
                             f"not {config.image_size}")
-    for name in ("batch_size", "num_epochs", "num_classes", "patience"):
+    for name in ("batch_size", "num_epochs", "num_classes", "patience", "folds"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise Galaxy10Error(f"{flag_name(name)} must be at least 1, not {getattr(config, name)}")
     if not config.learning_rate > 0 or config.min_delta < 0:
         raise Galaxy10Error("--lr must be positive and --min-delta not negative")
+    if not (0 <= config.label_smoothing < 1 and 0 <= config.ema < 1 and config.mixup >= 0 <= config.cutmix):
+        raise Galaxy10Error("--label-smoothing and --ema must be in [0, 1), --mixup and --cutmix not "
+                            "negative")
+    if config.weight_decay is not None and config.weight_decay < 0:
+        raise Galaxy10Error(f"--weight-decay must not be negative, not {config.weight_decay}")
     if config.freeze_body and not config.init_from:
         raise Galaxy10Error("--freeze-body trains the output layer on a network trained before: add "
                             "--init-from CHECKPOINT")

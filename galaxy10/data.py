@@ -5,6 +5,7 @@ memory), from which batches are sliced (`iterate_batches`); and what a checkpoin
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -155,6 +156,12 @@ class ImageCache:
     def where(self) -> str:
         return f"{self.images.nbytes / 2**20:.0f} MB on {self.images.device.type}"
 
+    def subset(self, chosen: torch.Tensor) -> ImageCache:
+        """The images where the boolean mask `chosen` (N,) is true, in order."""
+        index = chosen.nonzero().squeeze(1)
+        images, labels = self.images[index.to(self.images.device)], self.labels[index.to(self.labels.device)]
+        return ImageCache(images, labels, self.device)
+
     def this_process_part(self) -> ImageCache:
         """Under torchrun, this process's contiguous part (for evaluation); in one process, all of it."""
         return ImageCache(this_process_part(self.images), this_process_part(self.labels), self.device)
@@ -201,6 +208,34 @@ def iterate_batches(
         if order is not None:
             index = order[index]
         yield to_device(cache.images[index], cache.device), to_device(cache.labels[index], cache.device)
+
+
+def merge_scans(first: FolderScan, second: FolderScan) -> FolderScan:
+    """Two scans of the same class folders as one (a committee's labelled images: both data folders)."""
+    return FolderScan(first.root, first.paths + second.paths, first.labels + second.labels, first.classes)
+
+
+def source_groups(scan: FolderScan) -> tuple[list[int], list[bool]]:
+    """For each image, the row of the HDF5 file it was made from, and whether it is an augmented copy, where
+    the export's manifest.csv beside the folders says (preprocess_and_balancing.py's copies name their source
+    row): a copy never sits in another fold than its original, and is never scored. Elsewhere each image is
+    a group of its own, and an original."""
+    manifest = scan.root.parent / "manifest.csv"
+    sources: dict[str, tuple[int, bool]] = {}
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            for row in csv.DictReader(f):
+                source = row.get("source_index") or row.get("index")
+                if source:
+                    sources[row["path"]] = int(source), not row.get("index")
+    groups, copies = [], []
+    for i, path in enumerate(scan.paths):
+        inside = path.is_relative_to(scan.root.parent)
+        relative = path.relative_to(scan.root.parent).as_posix() if inside else ""
+        group, copy = sources.get(relative, (-1 - i, False))  # negative: an image of its own
+        groups.append(group)
+        copies.append(copy)
+    return groups, copies
 
 
 def training_data(scan: FolderScan) -> TrainingData:

@@ -7,6 +7,7 @@ run over a decoded folder (data.ImageCache). Training's closing report, `cnn.py 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
@@ -81,25 +82,31 @@ def fitted_trust(model: InferenceModel, train: ImageCache | None, val: ImageCach
         members = [trust.fit_outliers_on_val(features, labels) for features in val_features]
     outliers = members[0] if len(members) == 1 else trust.CommitteeOutliers(tuple(members))
     record = dataclasses.replace(model.record, temperature=temperature, outliers=outliers)
-    return model.with_record(record), calibration_report(val_logits, labels, temperature, outliers,
-                                                         val_features)
+    flagged = float(outliers.unlike_members(val_features).float().mean())
+    calibration = calibration_report(val_logits, labels, temperature, flagged)
+    if isinstance(outliers, trust.Outliers):  # a committee's members each have their own
+        calibration["outlier_threshold"] = outliers.threshold
+    return model.with_record(record), calibration
 
 
-def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float, outliers: trust.Trust,
-                       features: list[list[torch.Tensor]]) -> dict[str, Any]:
-    """What calibration did to these images' answers (ECE and NLL at T = 1 and at the fitted T) and the share
-    of them flagged unlike-training, printed in one line."""
+def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float, flagged: float
+                       ) -> dict[str, Any]:
+    """What calibration did to these images' answers (ECE and NLL at T = 1 and at the fitted T) with the
+    share of them flagged unlike-training, printed in one line (and a warning where it made ECE worse)."""
     ece = [expected_calibration_error(labels.numpy(), trust.calibrated(logits, t).double().numpy())
            for t in (1.0, temperature)]
     calibration = {"temperature": temperature, "ece_before": ece[0], "ece_after": ece[1],
                    "nll_before": trust.nll(logits, labels),
                    "nll_after": trust.nll(logits, labels, temperature),
-                   "val_flagged_unlike_training": float(outliers.unlike_members(features).float().mean())}
-    if isinstance(outliers, trust.Outliers):  # a committee's members each have their own
-        calibration["outlier_threshold"] = outliers.threshold
+                   "val_flagged_unlike_training": flagged}
     print(f"calibration on {len(labels)} images: temperature {temperature:.3f}, ECE {ece[0]:.3f} -> "
           f"{ece[1]:.3f}, NLL {calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}; "
           f"{calibration['val_flagged_unlike_training']:.1%} of them flagged unlike-training")
+    if ece[1] > ece[0]:
+        print(f"warning: calibration made the ECE worse on these {len(labels)} images ({ece[0]:.3f} -> "
+              f"{ece[1]:.3f}; the temperature minimises the negative log-likelihood, "
+              f"{calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}): too few images to "
+              "calibrate by, so read the confidences as rough", file=sys.stderr)
     return calibration
 
 

@@ -13,15 +13,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from galaxy10 import trust
+from galaxy10.committee import (
+    assign_folds,
+    calibrated_outliers,
+    committee_checkpoint,
+    committee_probabilities,
+    member_path,
+    out_of_fold,
+)
 from galaxy10.config import Config
 from galaxy10.data import (
     FolderScan,
+    ImageCache,
     build_cache,
     check_classes,
     class_names_for,
+    merge_scans,
     scan_image_folder,
+    source_groups,
     training_data,
 )
 from galaxy10.distributed import (
@@ -36,32 +49,60 @@ from galaxy10.errors import Galaxy10Error
 from galaxy10.evaluation import exact_for, fitted_trust, record_evaluated, served_model, write_evaluation
 from galaxy10.models import Checkpoint, ModelRecord, read_checkpoint, read_record, resume_path
 from galaxy10.networks import last_linear_name
-from galaxy10.reports import write_curves
-from galaxy10.run import Run, restore
+from galaxy10.reports import write_committee_curves, write_curves, write_report
+from galaxy10.run import Run, eval_batch_size, restore
 from galaxy10.training import make_run, new_record, train_epochs
 
 
 def fit(config: Config) -> dict[str, Any]:
-    """Train as configured (with `config.resume`, continue its interrupted run), then calibrate the best
-    epoch's model and report on it as it is served; returns the evaluation report on the val set."""
+    """Train as configured (with `config.resume`, continue its interrupted run), then calibrate and report on
+    the model as it is served; with --folds K, a committee (`fit_committee`). Returns the report."""
     device = training_device(config.device)
     exact = exact_for(config.precision)  # as given: auto reports on the model cnn_use_model.py serves
     config = config.resolve(device)
     train_scan, val_scan = scan_image_folder(config.train_dir), scan_image_folder(config.val_dir)
     check_classes(train_scan, val_scan, config.num_classes)
     check_images_per_process(train_scan, val_scan)
+    if config.folds > 1:
+        return fit_committee(config, merge_scans(train_scan, val_scan), device, exact)
     class_names = class_names_for(train_scan.classes, config.class_names)
     record = new_record(config, class_names, training_data(train_scan))
     initial = initial_weights(config, record)
     train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
     val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")
     print(f"train {len(train)} images ({train.where}), val {len(val)} images ({val.where}), "
-          f"{record.num_classes} classes, device {device.type}, {config.precision}, {config.arch}, "
-          f"crop {config.crop:g}, augmentation {config.augment}")
+          f"{describe_run(config, record, device)}")
+    run, seconds, epochs = train_run(config, device, record, train, val, initial[0] if initial else None)
+    if not is_main_process():
+        return from_main_process(None)  # the report, once rank 0 has written it
+    best = finish_checkpoint(config.model_path, run.history, run.epoch)
+    model = served_model(best, Path(config.model_path).name, device)
+    model, calibration = fitted_trust(model, train, val, run.eval_batch_size, exact)
+    context = {"epoch": best.record.metrics.epoch, "val_dir": config.val_dir, "recipe": config.recipe,
+               "train_seconds": seconds, "train_images_per_s": len(train) * epochs / seconds,
+               "calibration": calibration}
+    report = write_evaluation(model, val, config.model_path, run.eval_batch_size, context, exact)
+    best.record = record_evaluated(model.record, report)
+    best.save(config.model_path)
+    resume_path(config.model_path).unlink(missing_ok=True)
+    return from_main_process(report)
+
+
+def describe_run(config: Config, record: ModelRecord, device: torch.device) -> str:
+    text = (f"{record.num_classes} classes, device {device.type}, {config.precision}, {config.arch}, "
+            f"crop {config.crop:g}, augmentation {config.augment}")
     if world_size() > 1:
-        print(f"{world_size()} processes, {world_size()} x {config.batch_size} images per step")
+        text += f"; {world_size()} processes, {world_size()} x {config.batch_size} images per step"
+    return text
+
+
+def train_run(config: Config, device: torch.device, record: ModelRecord, train: ImageCache, val: ImageCache,
+              initial: dict[str, torch.Tensor] | None) -> tuple[Run, float, int]:
+    """One run of the training loop (continued from its resume file with config.resume, where there is one;
+    else from `initial` weights where given); returns it, the seconds its epochs took (training and
+    validation) and how many epochs it trained now."""
     run = make_run(config, device, record, train, val)
-    if config.resume:
+    if config.resume and resume_path(config.model_path).is_file():
         resumed = read_checkpoint(resume_path(config.model_path))
         resumed.record.check_classes(record.class_names, config.train_dir, resume_path(config.model_path))
         restore(run, resumed)
@@ -74,23 +115,78 @@ def fit(config: Config) -> dict[str, Any]:
     finally:
         if run.history["val_loss"] and is_main_process():
             write_curves(run.history, run.stopper.best_epoch, config.model_path)
+    return run, time.perf_counter() - started, run.epoch - first_epoch
+
+
+def fit_committee(config: Config, scan: FolderScan, device: torch.device, exact: bool) -> dict[str, Any]:
+    """--folds K: K members, member k trained on every fold but k and stopped early on fold k (seed + k), one
+    after another (with --resume, finished members are kept and an interrupted one continues); then the
+    committee's checkpoint, calibrated and reported on the out-of-fold answers (committee.py)."""
+    groups, copies = source_groups(scan)
+    folds = assign_folds(np.array(scan.labels), groups, config.folds, config.seed)
+    class_names = class_names_for(scan.classes, config.class_names)
+    record = new_record(config, class_names, training_data(scan))
+    initial = initial_weights(config, record)
+    cache = build_cache(scan, record.preprocessing, device, config.workers, "decoding")
+    print(f"a committee of {config.folds}: {len(cache)} images ({cache.where}) in {config.folds} folds, "
+          f"{describe_run(config, record, device)}")
+    members, seconds = [], 0.0
+    for k in range(config.folds):
+        held = torch.from_numpy(folds == k)
+        path = member_path(config.model_path, k)
+        member = dataclasses.replace(config, model_path=str(path), seed=config.seed + k, folds=1)
+        done = finished_member(path) if config.resume else None
+        if done is None:
+            print(f"member {k + 1} of {config.folds}: trains on {int((~held).sum())} images, stops early on "
+                  f"fold {k + 1} ({int(held.sum())} images)")
+            start = initial[k % len(initial)] if initial else None
+            train, val = cache.subset(~held), cache.subset(held)
+            run, member_seconds, _ = train_run(member, device, record, train, val, start)
+            seconds += member_seconds
+            if is_main_process():
+                done = finish_checkpoint(member.model_path, run.history, run.epoch)
+                done.save(path)
+                resume_path(path).unlink(missing_ok=True)
+        members.append(done)
     if not is_main_process():
-        return from_main_process(None)  # the report, once rank 0 has written it
-    # Training and validation time of this run's epochs, and training images per second over them (each
-    # epoch takes the whole training set, shared among the processes under torchrun).
-    seconds = time.perf_counter() - started
-    best = finish_checkpoint(run.config.model_path, run.history, run.epoch)
-    model = served_model(best, Path(config.model_path).name, device)
-    model, calibration = fitted_trust(model, train, val, run.eval_batch_size, exact)
-    context = {"epoch": best.record.metrics.epoch, "val_dir": config.val_dir, "recipe": config.recipe,
-               "train_seconds": seconds,
-               "train_images_per_s": len(train) * (run.epoch - first_epoch) / seconds,
-               "calibration": calibration}
-    report = write_evaluation(model, val, config.model_path, run.eval_batch_size, context, exact)
-    best.record = record_evaluated(model.record, report)
-    best.save(config.model_path)
-    resume_path(config.model_path).unlink(missing_ok=True)
-    return from_main_process(report)
+        return from_main_process(None)
+    originals = torch.tensor(copies).logical_not()  # the augmented copies train, and are never scored
+    return finish_committee(config, record, members, cache.subset(originals), folds[originals.numpy()],
+                            seconds, device, exact)
+
+
+def finish_committee(config: Config, record: ModelRecord, members: list[Checkpoint], cache: ImageCache,
+                     folds: np.ndarray, seconds: float, device: torch.device, exact: bool) -> dict[str, Any]:
+    """Calibrate, report and save the committee from its members' out-of-fold answers on the `cache` of
+    original images (`folds`: theirs); remove the members' own checkpoints (the committee's holds their
+    weights)."""
+    batch_size = eval_batch_size(config.batch_size, device)
+    oof = out_of_fold(members, cache, folds, batch_size, exact, device)
+    labels = cache.labels.cpu()
+    temperature, outliers, calibration = calibrated_outliers(oof, labels)
+    probs = trust.calibrated(oof.logits, temperature).double().numpy()
+    tta = committee_probabilities(members, cache, folds, batch_size, exact, device, temperature, tta=True)
+    context = {"folds": config.folds, "val_dir": f"{config.train_dir} and {config.val_dir}, out of fold",
+               "recipe": config.recipe, "train_seconds": seconds, "calibration": calibration}
+    report = write_report(labels.numpy(), probs, tta.numpy(), record.class_names, config.model_path,
+                          {**context, "exact": exact}, "out-of-fold answers (each by the member that never "
+                          "saw the image) on")
+    committee = committee_checkpoint(record, members, temperature, outliers, report["accuracy"],
+                                     calibration["nll_after"])
+    committee.save(config.model_path)
+    write_committee_curves([m.training.history for m in members if m.training], config.model_path)
+    for k in range(config.folds):
+        member_path(config.model_path, k).unlink(missing_ok=True)
+    print(f"a committee of {config.folds}: out-of-fold accuracy {report['accuracy']:.2%} after "
+          f"{seconds / 60:.1f} minutes of training; wrote {config.model_path}")
+    return report
+
+
+def finished_member(path: Path) -> Checkpoint | None:
+    """A member whose run finished (its checkpoint, and no resume file of a run still going), or None."""
+    if path.is_file() and not resume_path(path).is_file():
+        return read_checkpoint(path)
+    return None
 
 
 def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: int) -> Checkpoint:
@@ -102,7 +198,7 @@ def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: 
     return best
 
 
-def initial_weights(config: Config, record: ModelRecord) -> dict[str, torch.Tensor] | None:
+def initial_weights(config: Config, record: ModelRecord) -> list[dict[str, torch.Tensor]] | None:
     """--init-from's weights, checked against the run before any image is decoded: the same network at the
     same size. Trained on other classes, all but its output layer (fine-tuning onto new labels). A resumed run
     continues from its own weights instead."""
@@ -110,11 +206,13 @@ def initial_weights(config: Config, record: ModelRecord) -> dict[str, torch.Tens
         return None
     checkpoint = read_checkpoint(config.init_from, mmap=True)
     checkpoint.record.check_network(config.arch, config.image_size, "--init-from", config.init_from)
+    members = checkpoint.member_weights()  # a committee's: member k starts member k (or the one model)
     if checkpoint.record.class_names == record.class_names:
-        return checkpoint.weights
+        return members
     with torch.device("meta"):  # names only: no memory, no initialisation work
         output = f"{last_linear_name(record.build())}."
-    return {name: tensor for name, tensor in checkpoint.weights.items() if not name.startswith(output)}
+    return [{name: tensor for name, tensor in weights.items() if not name.startswith(output)}
+            for weights in members]
 
 
 def start_from(run: Run, weights: dict[str, torch.Tensor], source: str) -> None:

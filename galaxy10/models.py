@@ -240,11 +240,14 @@ class TrainingState:
     scheduler: dict[str, Any] | None = None
     early_stopping: dict[str, Any] | None = None
     rng: list[dict[str, Any]] | None = None  # one per process
+    average: dict[str, Any] | None = None  # --ema's averaged weights and its step count, in a resume file
 
     def to_dict(self) -> dict[str, Any]:
         keys: dict[str, Any] = {"optimizer_state_dict": self.optimizer, "train_history": self.history}
         if self.scheduler is not None:
             keys |= {"scheduler_state_dict": self.scheduler, "early_stopping": self.early_stopping}
+        if self.average is not None:
+            keys["weight_average"] = self.average
         if self.rng:
             keys["rng"] = self.rng[0]
             if len(self.rng) > 1:
@@ -255,7 +258,8 @@ class TrainingState:
     def from_dict(cls, checkpoint: Mapping[str, Any]) -> TrainingState:
         rng = checkpoint.get("rng_per_process") or ([checkpoint["rng"]] if "rng" in checkpoint else None)
         return cls(checkpoint.get("optimizer_state_dict") or {}, checkpoint.get("train_history") or {},
-                   checkpoint.get("scheduler_state_dict"), checkpoint.get("early_stopping"), rng)
+                   checkpoint.get("scheduler_state_dict"), checkpoint.get("early_stopping"), rng,
+                   checkpoint.get("weight_average"))
 
 
 @dataclass

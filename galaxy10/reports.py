@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,20 @@ def write_curves(
     save_figure(figure, output_path(model_path, "curves.png"))
 
 
+def write_committee_curves(histories: Sequence[dict[str, list[float]]], model_path: str | os.PathLike[str]
+                           ) -> None:
+    """Each member's validation loss and accuracy (on its own fold) against epoch, side by side."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    for ax, metric in zip(figure.subplots(1, 2), ("loss", "acc"), strict=True):
+        for k, history in enumerate(histories, 1):
+            ax.plot(range(1, len(history["val_loss"]) + 1), history[f"val_{metric}"], label=f"member {k}")
+        ax.set(xlabel="epoch", ylabel=f"val {'accuracy' if metric == 'acc' else 'loss'} (its own fold)")
+        ax.legend()
+    save_figure(figure, output_path(model_path, "curves.png"))
+
+
 def write_confusion(report: dict[str, Any], model_path: str | os.PathLike[str]) -> None:
     """The confusion matrix as an annotated heat map, rows true class, columns predicted."""
     from matplotlib.figure import Figure
@@ -114,22 +129,52 @@ def write_confusion(report: dict[str, Any], model_path: str | os.PathLike[str]) 
 
 def write_report(
     truth: np.ndarray, probs: np.ndarray, tta_probs: np.ndarray, class_names: Sequence[str],
-    model_path: str | os.PathLike[str], context: dict[str, Any],
+    model_path: str | os.PathLike[str], context: dict[str, Any], subject: str = "evaluation on",
 ) -> dict[str, Any]:
     """The evaluation report of a checkpoint's predictions on its val set, written as JSON with the confusion
-    PNG beside the checkpoint and summed up in one printed line. It also scores test-time augmentation
-    (`tta_probs`: probabilities averaged over the 8 flips and quarter turns, as cnn_use_model's --tta)."""
+    PNG beside the checkpoint, summed up in one printed line and set against the baselines: always answering
+    the most common class, and guessing (a warning when the model does not beat them). It also scores
+    test-time augmentation (`tta_probs`: probabilities averaged over the 8 flips and quarter turns, as
+    cnn_use_model's --tta)."""
     tta_report = evaluation_report(truth, tta_probs, class_names)
     report = {"checkpoint": str(model_path), **context, **evaluation_report(truth, probs, class_names),
-              "tta": {"accuracy": tta_report["accuracy"], "macro_f1": tta_report["macro_f1"]}}
+              "tta": {"accuracy": tta_report["accuracy"], "macro_f1": tta_report["macro_f1"]},
+              "baselines": baselines(truth, len(class_names))}
     write_json(report, output_path(model_path, "report.json"))
     write_confusion(report, model_path)
     worst = min(report["per_class"], key=lambda c: c["f1"])
-    print(f"evaluation on {report['n_samples']} val images: accuracy {report['accuracy']:.2%} (with TTA "
+    print(f"{subject} {report['n_samples']} images: accuracy {report['accuracy']:.2%} (with TTA "
           f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f}; "
           f"weakest class {worst['class_name']} (F1 {worst['f1']:.3f}); report in "
           f"{output_path(model_path, 'report.json')}")
+    comparison = against_baselines(report)
+    print(comparison, file=sys.stderr if comparison.startswith("warning") else sys.stdout)
     return report
+
+
+def baselines(truth: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """What answering without looking scores on these labels: always the most common class (its accuracy,
+    and macro-F1, whose F1 is that class's only), and a uniform guess (1 / classes, in expectation)."""
+    counts = np.bincount(np.asarray(truth, dtype=np.int64), minlength=num_classes)
+    share = counts.max() / max(counts.sum(), 1)
+    return {"majority_class": int(counts.argmax()), "majority_accuracy": float(share),
+            "majority_macro_f1": float(2 * share / (1 + share) / num_classes),
+            "chance_accuracy": 1 / num_classes}
+
+
+def against_baselines(report: dict[str, Any]) -> str:
+    """One line setting the model against the baselines: a warning where it does not beat always answering
+    the most common class (by accuracy or by macro-F1), or guessing."""
+    base = report["baselines"]
+    majority = report["class_names"][base["majority_class"]]
+    line = (f"baselines: always answering {majority} scores {base['majority_accuracy']:.2%} (macro-F1 "
+            f"{base['majority_macro_f1']:.3f}), guessing {base['chance_accuracy']:.2%}")
+    if report["accuracy"] <= base["chance_accuracy"] or report["macro_f1"] <= base["majority_macro_f1"]:
+        return f"warning: the model does no better than guessing; {line}: it has learned nothing to use"
+    if report["accuracy"] <= base["majority_accuracy"]:
+        return (f"warning: the model's accuracy ({report['accuracy']:.2%}) is no better than always "
+                f"answering {majority}; {line}")
+    return line
 
 
 def format_accuracy(name: str, truth: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> str:

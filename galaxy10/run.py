@@ -6,6 +6,7 @@ and every process's random streams (`resume_checkpoint`, `restore`), written on 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from galaxy10.augment import Mixing
 from galaxy10.config import Config
 from galaxy10.data import ImageCache
 from galaxy10.distributed import gather_from_every_process, rank, world_size
@@ -79,18 +81,48 @@ class Run:
     stopper: EarlyStopping  # restored
     history: dict[str, list[float]] = field(default_factory=new_history)  # restored
     epoch: int = 0  # last finished epoch; restored
+    mixing: Mixing | None = None  # --mixup, --cutmix
+    average: WeightAverage | None = None  # --ema; restored
 
     @property
     def eval_batch_size(self) -> int:
         return eval_batch_size(self.config.batch_size, self.device)
 
+    @property
+    def served(self) -> nn.Module:
+        """The model that is validated and saved: the weights' average with --ema, else the model."""
+        return self.model if self.average is None else self.average.model
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (Polyak averaging), kept as a model of
+    its own: updated after every optimiser step with `decay`, warmed up as timm's is (min(decay,
+    (1 + t) / (10 + t)) at step t) so that its first epochs are not the random initialisation's."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        pairs = zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
+        for average, current in pairs:
+            if average.dtype.is_floating_point:
+                average.lerp_(current, 1 - decay)
+            else:
+                average.copy_(current)
+
 
 def model_checkpoint(run: Run) -> Checkpoint:
-    """The checkpoint of this epoch's model: its record with this epoch's val metrics, the weights, and the
-    optimiser and history, as the original's checkpoints held them."""
+    """The checkpoint of this epoch's model (with --ema, the weights' average): its record with this epoch's
+    val metrics, the weights, and the optimiser and history, as the original's checkpoints held them."""
     h = run.history
     record = run.record.with_metrics(epoch=run.epoch, val_loss=h["val_loss"][-1], val_acc=h["val_acc"][-1])
-    return Checkpoint(record, run.model.state_dict(), TrainingState(run.optimizer.state_dict(), run.history))
+    training = TrainingState(run.optimizer.state_dict(), run.history)
+    return Checkpoint(record, run.served.state_dict(), training)
 
 
 def resume_checkpoint(run: Run) -> Checkpoint:
@@ -98,6 +130,9 @@ def resume_checkpoint(run: Run) -> Checkpoint:
     random streams included."""
     checkpoint = model_checkpoint(run)
     assert checkpoint.training is not None
+    checkpoint.weights = run.model.state_dict()  # the weights training continues from
+    if run.average is not None:
+        checkpoint.training.average = {"weights": run.average.model.state_dict(), "steps": run.average.steps}
     checkpoint.training.scheduler = run.scheduler.state_dict()
     checkpoint.training.early_stopping = dataclasses.asdict(run.stopper)
     checkpoint.training.rng = gather_from_every_process(rng_state(run))
@@ -111,6 +146,9 @@ def restore(run: Run, checkpoint: Checkpoint) -> None:
         raise Galaxy10Error(f"{resume_path(run.config.model_path)} is not a resume file: start without "
                             "--resume")
     run.model.load_state_dict(checkpoint.weights)
+    if run.average is not None and state.average is not None:
+        run.average.model.load_state_dict(state.average["weights"])
+        run.average.steps = state.average["steps"]
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
     saved = state.early_stopping

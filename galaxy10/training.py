@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchsummary import summary
 
-from galaxy10.augment import augment
+from galaxy10.augment import Mixing, augment, mix_batch
 from galaxy10.config import Config, Recipe, resume_command
 from galaxy10.data import ImageCache, iterate_batches
 from galaxy10.distributed import (
@@ -36,9 +36,16 @@ from galaxy10.networks import last_linear_name, load_pretrained
 from galaxy10.preprocessing import Preprocessing, to_model_input
 from galaxy10.progress import progress_bar
 from galaxy10.reports import write_history
-from galaxy10.run import CheckpointWriter, EarlyStopping, Run, Scheduler, model_checkpoint, resume_checkpoint
+from galaxy10.run import (
+    CheckpointWriter,
+    EarlyStopping,
+    Run,
+    Scheduler,
+    WeightAverage,
+    model_checkpoint,
+    resume_checkpoint,
+)
 
-LABEL_SMOOTHING = 0.1
 MAX_GRAD_NORM = 1.0
 LR_FACTOR, LR_PATIENCE, MIN_LR = 0.5, 2, 1e-7
 LOG_EVERY = 20  # batches between progress-bar refreshes (each one waits for the GPU)
@@ -50,13 +57,14 @@ LOG_EVERY = 20  # batches between progress-bar refreshes (each one waits for the
 
 
 def make_optimizer(
-    model: nn.Module, recipe: Recipe, lr: float, device: torch.device
+    model: nn.Module, recipe: Recipe, lr: float, device: torch.device, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
-    """The recipe's optimiser over the parameters that train (all but a frozen body's)."""
+    """The recipe's optimiser over the parameters that train (all but a frozen body's), with the recipe's
+    weight decay unless one is given."""
     optimizer = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    return optimizer(trained, lr=lr * recipe.lr_scale, weight_decay=recipe.weight_decay,
-                     fused=device.type == "cuda")
+    decay = recipe.weight_decay if weight_decay is None else weight_decay
+    return optimizer(trained, lr=lr * recipe.lr_scale, weight_decay=decay, fused=device.type == "cuda")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int) -> Scheduler:
@@ -97,16 +105,21 @@ def train_step(
     generator: torch.Generator | None,
     augmentation: str = "original",
     bf16: bool = False,
+    mixing: Mixing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch, augmented as `augmentation` says unless generator is None;
-    returns (loss, correct count) without waiting for the GPU."""
+    """One optimisation step on a uint8 batch, augmented as `augmentation` says and mixed as `mixing` says
+    unless generator is None; returns (loss, correct count: the argmax against each image's own label)
+    without waiting for the GPU."""
     x = to_model_input(images)
+    targets = labels
     if generator is not None:
         x = augment(x, generator, augmentation)
+        if mixing:
+            x, targets = mix_batch(x, labels, mixing, generator)
     x = x.contiguous(memory_format=torch.channels_last)
     with mixed_precision(images.device, bf16):
         logits = model(x)
-        loss = criterion(logits, labels)
+        loss = criterion(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -166,7 +179,7 @@ def make_run(config: Config, device: torch.device, record: ModelRecord, train: I
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_dropout_per_process(config.seed)
     forward = data_parallel(model)
-    optimizer = make_optimizer(model, recipe, config.learning_rate, device)
+    optimizer = make_optimizer(model, recipe, config.learning_rate, device, config.weight_decay)
     total_steps = config.num_epochs * steps_per_epoch(len(train), config.batch_size)
     return Run(
         config=config,
@@ -176,12 +189,14 @@ def make_run(config: Config, device: torch.device, record: ModelRecord, train: I
         forward=torch.compile(forward) if config.compile else forward,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, recipe, total_steps),
-        criterion=nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         train=train,
         val=val,
         shuffle_rng=torch.Generator().manual_seed(config.seed),
         augment_rng=torch.Generator(device).manual_seed(process_seed(config.seed, 1)),
         stopper=EarlyStopping(config.patience, config.min_delta),
+        mixing=Mixing(config.mixup, config.cutmix, record.num_classes),
+        average=WeightAverage(model, config.ema) if config.ema else None,
     )
 
 
@@ -240,7 +255,9 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
                        unit="batch", leave=False, disable=not is_main_process())
     for step, (images, labels) in enumerate(bar, 1):
         loss, hits = train_step(run.forward, run.optimizer, run.criterion, images, labels, run.augment_rng,
-                                run.config.augment, run.config.bf16)
+                                run.config.augment, run.config.bf16, run.mixing)
+        if run.average is not None:
+            run.average.update(run.model)
         if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             run.scheduler.step()
         loss_sum += loss * len(labels)
@@ -259,11 +276,12 @@ def validate(run: Run) -> tuple[float, float]:
     same schedule and early-stopping decisions. Under torchrun each process evaluates its part of val
     (validation time shrinks with the process count like training time) and the sums are added up."""
     bf16, batch_size = run.config.bf16, run.eval_batch_size
+    model = run.forward if run.average is None else run.average.model
     if world_size() == 1:
-        return evaluate(run.forward, run.val, run.criterion, batch_size, bf16)
-    broadcast_buffers(run.model)
+        return evaluate(model, run.val, run.criterion, batch_size, bf16)
+    broadcast_buffers(run.served)
     part = run.val.this_process_part()
-    loss, accuracy = evaluate(run.forward, part, run.criterion, batch_size, bf16)
+    loss, accuracy = evaluate(model, part, run.criterion, batch_size, bf16)
     loss_sum, hits, count = sum_over_processes([loss * len(part), round(accuracy * len(part)), len(part)],
                                                run.device)
     return loss_sum / count, hits / count

@@ -93,7 +93,7 @@ def test_help_states_every_flag_and_its_default(capsys: pytest.CaptureFixture[st
     # An empty default is not shown; one that the recipe decides (None) is named in the flag's own help.
     unset = [name for name in FIELDS if getattr(Config(), name) == ""]
     assert unset == ["class_names", "weights", "preset", "init_from"]
-    assert out.count("(default: the recipe's") == 2
+    assert out.count("(default: the recipe's") == 3  # --crop, --augment, --weight-decay
     assert out.count("(default:") == len(FIELDS) - len(unset)
 
 

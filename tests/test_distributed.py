@@ -19,6 +19,7 @@ import torch
 
 import cnn
 from galaxy10 import models, training
+from galaxy10.config import Config
 from galaxy10.data import ImageCache
 from galaxy10.errors import run_cli
 
@@ -266,7 +267,7 @@ def test_every_process_gets_the_validation_loss_of_the_model_rank_0_saves(
     model = cnn.CNNModel(2, 32)
     model.load_state_dict(rank_0["model"])
     val = ImageCache(rank_0["val_images"], rank_0["val_labels"], torch.device("cpu"))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=training.LABEL_SMOOTHING)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=Config().label_smoothing)
     loss, accuracy = training.evaluate(model, val, criterion, batch_size=5)
     assert records[0]["val_loss"] == pytest.approx(loss, rel=1e-5)  # the sum over two parts, in float32
     assert records[0]["val_accuracy"] == pytest.approx(accuracy)  # 3 of 5 either way
