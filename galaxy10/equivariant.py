@@ -48,6 +48,11 @@ def group_table() -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(compose[inverse[g]][h] for h in range(8)) for g in range(8))
 
 
+def turned_positions(kernel_size: int, g: int) -> torch.Tensor:
+    """For each position of a kernel turned by symmetry g, the position it comes from in the kernel."""
+    return transform(torch.arange(kernel_size * kernel_size).view(kernel_size, kernel_size), g).flatten()
+
+
 class LiftingConv(nn.Module):
     """Image (B, C_in, H, W) -> fields (B, C_out * 8, H, W): each filter in its 8 orientations."""
 
@@ -57,10 +62,18 @@ class LiftingConv(nn.Module):
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         self.padding = kernel_size // 2
         self.bias: nn.Parameter | None = None  # one per field, once a FieldNorm is folded in
+        # The filter bank is one gather of the weights: for orientation g, input channel c and position p,
+        # the weight at c's position turned_positions(g)[p].
+        area = kernel_size * kernel_size
+        gather = [c * area + turned_positions(kernel_size, g) for g in range(ORIENTATIONS)
+                  for c in range(in_channels)]
+        self.register_buffer("gather", torch.cat(gather), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bank = torch.stack([transform(self.weight, g) for g in range(ORIENTATIONS)], dim=1)
-        return F.conv2d(x, bank.flatten(0, 1), field_bias(self.bias), padding=self.padding)
+        out, channels, k = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
+        bank = self.weight.reshape(out, -1).index_select(1, self.gather)
+        return F.conv2d(x, bank.reshape(out * ORIENTATIONS, channels, k, k), field_bias(self.bias),
+                        padding=self.padding)
 
 
 class GroupConv(nn.Module):
@@ -73,17 +86,20 @@ class GroupConv(nn.Module):
         shape = (out_fields, in_fields * ORIENTATIONS, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(shape))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        self.register_buffer("table", torch.tensor(group_table()), persistent=False)
         self.padding = kernel_size // 2
         self.bias: nn.Parameter | None = None  # one per field, once a FieldNorm is folded in
+        # The filter bank is one gather of the weights: for output orientation g, input field i, input
+        # orientation h and position p, the weight of (i, g^-1 h) at its position turned_positions(g)[p].
+        table, area = group_table(), kernel_size * kernel_size
+        gather = [(i * ORIENTATIONS + table[g][h]) * area + turned_positions(kernel_size, g)
+                  for g in range(ORIENTATIONS) for i in range(in_fields) for h in range(ORIENTATIONS)]
+        self.register_buffer("gather", torch.cat(gather), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, inputs, k = self.weight.shape[0], self.weight.shape[1] // ORIENTATIONS, self.weight.shape[-1]
-        filters = self.weight.view(out, inputs, ORIENTATIONS, k, k)[:, :, self.table]  # (o, i, g, h, k, k)
-        filters = filters.permute(0, 2, 1, 3, 4, 5)  # (o, g, i, h, k, k)
-        bank = torch.stack([transform(filters[:, g], g) for g in range(ORIENTATIONS)], dim=1)
-        bank = bank.reshape(out * ORIENTATIONS, inputs * ORIENTATIONS, k, k)
-        return F.conv2d(x, bank, field_bias(self.bias), padding=self.padding)
+        out, inputs, k = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
+        bank = self.weight.reshape(out, -1).index_select(1, self.gather)
+        return F.conv2d(x, bank.reshape(out * ORIENTATIONS, inputs, k, k), field_bias(self.bias),
+                        padding=self.padding)
 
 
 def field_bias(bias: torch.Tensor | None) -> torch.Tensor | None:

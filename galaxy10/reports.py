@@ -21,21 +21,38 @@ from galaxy10.models import output_path
 ECE_BINS = 15
 
 
+ECE_DRAWS = 1000  # simulated sets of outcomes behind the ECE a calibrated model shows by chance
+
+
 def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Sum over equal-width confidence bins (lo, hi] of |bin| / n * |accuracy - mean confidence|."""
-    confidence = y_prob.max(1)
-    correct = (y_prob.argmax(1) == y_true).astype(float)
+    return calibration_gap(y_prob.max(1), (y_prob.argmax(1) == y_true).astype(float), n_bins)
+
+
+def calibration_gap(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, confidence, n_bins)
-    return float(np.abs(gap).sum() / len(y_true))
+    return float(np.abs(gap).sum() / len(confidence))
+
+
+def ece_by_chance(confidence: np.ndarray, draws: int = ECE_DRAWS, seed: int = 0) -> float:
+    """The ECE that a perfectly calibrated model with these confidences shows on this many images by chance
+    alone: its mean over `draws` sets of outcomes in which each answer is right with its own confidence. A
+    measured ECE near it is as good as this many images can show."""
+    rng = np.random.default_rng(seed)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    outcomes = ((rng.random(len(confidence)) < confidence).astype(float) for _ in range(draws))
+    return float(np.mean([calibration_gap(confidence, correct) for correct in outcomes]))
 
 
 def evaluation_report(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix and ECE of `y_prob`."""
+    """Accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix, ECE of `y_prob` and the
+    ECE a calibrated model would show on as many images by chance."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
     return {**classification_report(y_true, y_prob.argmax(1), class_names),
-            "ece": expected_calibration_error(y_true, y_prob), "ece_bins": ECE_BINS}
+            "ece": expected_calibration_error(y_true, y_prob), "ece_by_chance": ece_by_chance(y_prob.max(1)),
+            "ece_bins": ECE_BINS}
 
 
 def classification_report(
@@ -144,7 +161,8 @@ def write_report(
     write_confusion(report, model_path)
     worst = min(report["per_class"], key=lambda c: c["f1"])
     print(f"{subject} {report['n_samples']} images: accuracy {report['accuracy']:.2%} (with TTA "
-          f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f}; "
+          f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f} "
+          f"({report['ece_by_chance']:.3f} by chance); "
           f"weakest class {worst['class_name']} (F1 {worst['f1']:.3f}); report in "
           f"{output_path(model_path, 'report.json')}")
     comparison = against_baselines(report)
