@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ Source = str | os.PathLike | bytes | Image.Image | np.ndarray
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fz")  # .fz: tile-compressed; .gz: gzip
 IMAGE_SUFFIXES = PIL_SUFFIXES + FITS_SUFFIXES
+ACCEPTED = "a PNG, JPEG, TIFF or FITS file"  # what every "not a readable image" message asks for
 FITS_MAGIC = b"SIMPLE  ="  # every FITS file starts with this card
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -109,13 +111,26 @@ def _decode(file: io.IOBase, name: str, max_pixels: int) -> Image.Image:
             _check_pixels(image.size, max_pixels, name)
             image.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageTooLargeError(f"{name} is too large to decode safely ({err})") from None
+            allowed = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+            raise too_large(name, declared_pixels(str(err)), allowed) from None
         except ImageTooLargeError:
             raise
         except Exception as err:  # PIL raises many types for damaged or foreign data
-            reason = _reason(err)
-            raise ImageError(f"{name} is not a readable image ({reason}): use a PNG or JPEG file") from None
+            raise ImageError(f"{name} is not a readable image ({_reason(err)}): use {ACCEPTED}") from None
     return image
+
+
+def declared_pixels(message: str) -> int | None:
+    """The pixel count in PIL's decompression-bomb message ("Image size (N pixels) exceeds ...")."""
+    match = re.search(r"\((\d+) pixels\)", message)
+    return int(match[1]) if match else None
+
+
+def too_large(name: str, pixels: int | None, allowed: int, size: str = "") -> ImageTooLargeError:
+    """The one message for an image over the pixel limit, whoever noticed it (this module or PIL)."""
+    what = size or (f"{pixels:,} pixels" if pixels else "larger")
+    return ImageTooLargeError(f"{name} is {what}, more than the {allowed:,} pixels allowed: use a smaller "
+                              "image")
 
 
 def _reason(err: Exception) -> str:
@@ -127,9 +142,7 @@ def _reason(err: Exception) -> str:
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
     width, height = size
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name} is {width}x{height} pixels, more than the {max_pixels:,} allowed: use a smaller image"
-        )
+        raise too_large(name, width * height, max_pixels, f"{width}x{height} pixels")
     if width == 0 or height == 0:
         raise ImageError(f"{name} is empty ({width}x{height} pixels)")
 
@@ -144,8 +157,10 @@ def _image_from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 
 
 def _open_fits(file: BinaryIO, name: str, max_pixels: int) -> Image.Image:
-    """A FITS cutout as a PIL image: the first HDU with 2-D or 3-D image data, RGB for g, r, z, grey
-    ("L") for one band; the pixel limit is checked on the header's NAXIS1 x NAXIS2 before any data is read."""
+    """A FITS cutout as a PIL image: a (3, H, W) cube of g, r, z (the Legacy Surveys cutout service's), or
+    one 2-D extension per band named by BAND or FILTER (two or three of g, r, z, assembled), as RGB; else the
+    first 2-D image, grey. `image.info["bands"]` says which bands made it. The pixel limit is checked on the
+    headers' NAXIS1 x NAXIS2 before any data is read."""
     from astropy.io import fits  # here, not at the top: only FITS inputs pay for importing astropy
     from astropy.utils.exceptions import AstropyWarning
 
@@ -157,35 +172,82 @@ def _open_fits(file: BinaryIO, name: str, max_pixels: int) -> Image.Image:
             file.seek(0)
             if head == GZIP_MAGIC:  # astropy knows gzip by a file's name, not inside a file object
                 file = gzip.GzipFile(fileobj=file)
+            if file.read(len(FITS_MAGIC)) != FITS_MAGIC:
+                raise ImageError(f"{name} is not a readable image (it is named FITS but does not start as a "
+                                 f"FITS file does): use {ACCEPTED}")
+            file.seek(0)
             with fits.open(file, memmap=False) as hdus:  # lazy: each header is read only when reached
-                hdu = _first_image_hdu(hdus, name)
-                height, width = hdu.header["NAXIS2"], hdu.header["NAXIS1"]
-                _check_pixels((width, height), max_pixels, name)
-                bands = _band_names(hdu.header, name)
-                cube = np.asarray(hdu.data, dtype=np.float32).reshape(len(bands), height, width)
+                cube, bands, bands_text = _band_cube(hdus, name, max_pixels)
         except ImageError:
             raise
         except Exception as err:  # astropy and gzip raise many types for damaged or foreign data
-            raise ImageError(f"{name} is not a readable FITS file ({_reason(err)})") from None
+            raise ImageError(f"{name} is not a readable FITS file ({_reason(err)}): use {ACCEPTED}") from None
     image = Image.fromarray(cutout_pixels(cube, bands, name))
     image.format = "FITS"
+    image.info["bands"] = bands_text
     return image
 
 
-def _first_image_hdu(hdus: Iterable[Any], name: str) -> Any:
-    """The first HDU (primary, image extension or tile-compressed) with 2-D or 3-D data: a cutout saved as
-    an empty primary HDU and an image extension is read from the extension."""
-    for hdu in hdus:
-        axes = hdu.header.get("NAXIS", 0)
-        sizes = [hdu.header.get(f"NAXIS{i}", 0) for i in range(1, axes + 1)]
-        if hdu.is_image and axes in (2, 3) and all(size > 0 for size in sizes):
-            return hdu
-    raise ImageError(f"{name} holds no 2-D or 3-D image data in any HDU: give a cutout image")
+def _band_cube(hdus: Iterable[Any], name: str, max_pixels: int) -> tuple[np.ndarray, tuple[str, ...], str]:
+    """The (B, H, W) planes to colour, their bands and what to say of them ("g,r,z", "r", "one band"): the
+    first image HDU's cube, or the g, r, z planes of one HDU per band where the file holds two or three of
+    them, else the first image alone."""
+    images = [hdu for hdu in hdus if _holds_image(hdu)]
+    if not images:
+        raise ImageError(f"{name} holds no 2-D or 3-D image data in any HDU: give a cutout image")
+    first = images[0]
+    height, width = first.header["NAXIS2"], first.header["NAXIS1"]
+    _check_pixels((width, height), max_pixels, name)
+    if first.header["NAXIS"] == 3 or len(images) == 1:
+        bands = _band_names(first.header, name)
+        cube = np.asarray(first.data, dtype=np.float32).reshape(len(bands), height, width)
+        return cube, bands, describe_bands(bands, first.header)
+    by_band: dict[str, Any] = {}
+    for hdu in images:
+        band = _named_band(hdu.header)
+        same_size = (hdu.header["NAXIS"], hdu.header["NAXIS1"], hdu.header["NAXIS2"]) == (2, width, height)
+        if band in RGB_SCALES and band not in by_band and same_size:
+            by_band[band] = hdu
+    if len(by_band) < 2:
+        bands = _band_names(first.header, name)
+        cube = np.asarray(first.data, dtype=np.float32).reshape(1, height, width)
+        return cube, bands, describe_bands(bands, first.header)
+    bands = tuple(band for band in GRZ if band in by_band)
+    cube = np.stack([np.asarray(by_band[band].data, dtype=np.float32) for band in bands])
+    return cube, bands, ",".join(bands)
+
+
+def describe_bands(bands: Sequence[str], header: Any) -> str:
+    """What a prediction says of an image's bands: "g,r,z", a named band, or "one band" (unnamed)."""
+    if len(bands) > 1:
+        return ",".join(bands)
+    return bands[0] if _named_band(header) in RGB_SCALES else "one band"
+
+
+def bands_of(image: Image.Image) -> str:
+    """The bands an image was made from: a FITS cutout's (open_image records them), else RGB or grey."""
+    if "bands" in image.info:
+        return str(image.info["bands"])
+    return "grey" if image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else "RGB"
+
+
+def _holds_image(hdu: Any) -> bool:
+    """An HDU (primary, image extension or tile-compressed) with 2-D or 3-D data: a cutout saved as an empty
+    primary HDU and image extensions is read from the extensions."""
+    axes = hdu.header.get("NAXIS", 0)
+    sizes = [hdu.header.get(f"NAXIS{i}", 0) for i in range(1, axes + 1)]
+    return hdu.is_image and axes in (2, 3) and all(size > 0 for size in sizes)
+
+
+def _named_band(header: Any) -> str:
+    """The band a single-band header names: BAND, BAND0, or the first word of FILTER (e.g. "r DECam")."""
+    words = str(header.get("BAND") or header.get("BAND0") or header.get("FILTER") or "").split()
+    return words[0].lower() if words else ""
 
 
 def _band_names(header: Any, name: str) -> tuple[str, ...]:
     """The bands of the image's planes: BAND0..BAND2 where the header names them (as the cutout service's
-    does), else g, r, z in that order; one band is named by BAND0 or the first word of FILTER."""
+    does), else g, r, z in that order; one band is named by BAND, BAND0 or the first word of FILTER."""
     count = header["NAXIS3"] if header["NAXIS"] == 3 else 1
     if count == 3:
         named = tuple(str(header.get(f"BAND{i}", "")).strip().lower() for i in range(3))
@@ -195,8 +257,7 @@ def _band_names(header: Any, name: str) -> tuple[str, ...]:
             raise ImageError(f"{name} has bands {', '.join(named)}: a 3-band cutout must hold g, r and z")
         return named
     if count == 1:
-        words = str(header.get("BAND0") or header.get("FILTER") or "").split()
-        band = words[0].lower() if words else ""
+        band = _named_band(header)
         return (band,) if band in RGB_SCALES else (GREY_BAND,)
     raise ImageError(f"{name} has {count} bands: a cutout must have 3 (g, r, z, as the Legacy Surveys cutout "
                      "service gives them) or 1")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -30,7 +30,7 @@ from torch import nn
 from galaxy10 import trust
 from galaxy10.distributed import native_bf16, select_device
 from galaxy10.files import FileCache
-from galaxy10.images import ImageError, Source, open_image
+from galaxy10.images import ImageError, Source, bands_of, open_image
 from galaxy10.models import DEFAULT_CHECKPOINT, Checkpoint, ModelRecord, read_checkpoint
 from galaxy10.networks import StagedNetwork, fold_batchnorm, staged
 from galaxy10.prediction import Prediction
@@ -192,14 +192,16 @@ class InferenceModel:
             [[*summaries, features.detach()] for summaries, _, features, _ in passes]).cpu()
         return probs, cam.clamp_(0, 1).float().cpu().numpy(), unlike
 
-    def predictions(self, images: torch.Tensor, *, top_k: int | None = None, tta: bool = False,
-                    exact: bool = False, min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
-                    embeddings: bool = False) -> list[Prediction]:
-        """The Prediction of each image of a uint8 batch (with `embeddings`, each with its features)."""
+    def predictions(self, images: torch.Tensor, bands: Sequence[str], *, top_k: int | None = None,
+                    tta: bool = False, exact: bool = False,
+                    min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE, embeddings: bool = False
+                    ) -> list[Prediction]:
+        """The Prediction of each image of a uint8 batch, made from these bands (with `embeddings`, each
+        with its features)."""
         probs, unlike, hidden = self.classify(images, tta=tta, exact=exact)
         flags = [None] * len(probs) if unlike is None else [bool(u) for u in unlike]
         return [Prediction.of(p, self.class_names, self.name, top_k, flags[i], min_confidence,
-                              hidden[i] if embeddings else None)
+                              hidden[i] if embeddings else None, bands[i])
                 for i, p in enumerate(probs)]
 
 
@@ -278,8 +280,9 @@ def predict(
     float32 only (slower where the CPU has native bfloat16); a confidence under `min_confidence` flags the
     answer uncertain."""
     model = load_model(model_path)
-    image = model.preprocess(open_image(source))
-    return model.predictions(image[None], top_k=top_k, tta=tta, exact=exact, min_confidence=min_confidence)[0]
+    image = open_image(source)
+    return model.predictions(model.preprocess(image)[None], [bands_of(image)], top_k=top_k, tta=tta,
+                             exact=exact, min_confidence=min_confidence)[0]
 
 
 def iter_predictions(
@@ -304,8 +307,9 @@ def iter_predictions(
                                "embeddings": embeddings}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for decoded in _decoded_batches(sources, model, batch_size, pool):
-            images = [item for item in decoded if isinstance(item, torch.Tensor)]
-            answers = iter(model.predictions(torch.stack(images), **options) if images else [])
+            images = [item for item in decoded if not isinstance(item, ImageError)]
+            answers = iter(model.predictions(torch.stack([tensor for tensor, _ in images]),
+                                             [bands for _, bands in images], **options) if images else [])
             for item in decoded:
                 yield item if isinstance(item, ImageError) else next(answers)
 
@@ -331,12 +335,15 @@ def features(sources: Iterable[Source], model_path: str | os.PathLike[str] = DEF
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
 
 
+Decoded = tuple[torch.Tensor, str] | ImageError  # the model's input and the image's bands, or why not
+
+
 def _decoded_batches(
     sources: Iterable[Source], model: InferenceModel, batch_size: int, pool: ThreadPoolExecutor
-) -> Iterator[list[torch.Tensor | ImageError]]:
+) -> Iterator[list[Decoded]]:
     """Batches of model inputs; the next one decodes in `pool` while the caller runs the model on this one."""
     remaining = iter(sources)
-    pending: list[Future[torch.Tensor | ImageError]] = []
+    pending: list[Future[Decoded]] = []
     while True:
         sources_now = islice(remaining, batch_size)
         upcoming = [pool.submit(_decode_for_model, s, model) for s in sources_now]
@@ -347,9 +354,10 @@ def _decoded_batches(
         pending = upcoming
 
 
-def _decode_for_model(source: Source, model: InferenceModel) -> torch.Tensor | ImageError:
+def _decode_for_model(source: Source, model: InferenceModel) -> Decoded:
     try:
-        return model.preprocess(open_image(source))
+        image = open_image(source)
+        return model.preprocess(image), bands_of(image)
     except ImageError as err:
         return err
 
@@ -363,12 +371,13 @@ def grad_cam(
     """The prediction (as `predict` makes it) and a Grad-CAM heatmap (S, S) float32 in [0, 1] for the
     predicted class, or for `class_id`: where the last conv block's evidence for that class lies."""
     model = load_model(model_path)
-    image = model.preprocess(open_image(source))
+    picture = open_image(source)
     if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
-    probabilities, heatmap, unlike = model.grad_cam(image, class_id)
+    probabilities, heatmap, unlike = model.grad_cam(model.preprocess(picture), class_id)
     outlier = None if unlike is None else bool(unlike[0])
-    return Prediction.of(probabilities, model.class_names, model.name, None, outlier), heatmap
+    return Prediction.of(probabilities, model.class_names, model.name, None, outlier,
+                         bands=bands_of(picture)), heatmap
 
 
 def overlay_heatmap(

@@ -54,6 +54,9 @@ class Prediction:
     flag: str = answer("how far to trust the answer: ok, uncertain (confidence under --min-confidence) or "
                        "unlike-training (the image lies far from the training images)",
                        line="<15", heading="flag", page="flag")
+    bands: str = answer("the bands the image was made from: of a FITS cutout g,r,z (or the two of them it "
+                        "holds, or its one band); RGB or grey for other images", line="<8", heading="bands",
+                        page="bands")
     probabilities: tuple[float, ...]  # by class id; they sum to 1
     class_names: tuple[str, ...]
     model: str  # the checkpoint's file name
@@ -63,9 +66,9 @@ class Prediction:
     @classmethod
     def of(cls, probs: torch.Tensor, class_names: Sequence[str], model: str, top_k: int | None = None,
            unlike: bool | None = None, min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
-           embedding: torch.Tensor | None = None) -> Prediction:
-        """The prediction of one image's calibrated probabilities (C,) and whether it lies unlike the
-        training images (None: the model cannot tell)."""
+           embedding: torch.Tensor | None = None, bands: str = "RGB") -> Prediction:
+        """The prediction of one image's calibrated probabilities (C,), whether it lies unlike the training
+        images (None: the model cannot tell) and the bands it was made from (images.bands_of)."""
         values = tuple(float(p) for p in probs.double())
         order = sorted(range(len(values)), key=lambda i: -values[i])[: top_k_count(top_k, len(values))]
         best = order[0]
@@ -76,6 +79,7 @@ class Prediction:
             entropy=float(trust.entropy(probs.double())),
             margin=float(trust.margin(probs.double())),
             flag=trust.flag(values[best], unlike, min_confidence),
+            bands=bands,
             probabilities=values,
             class_names=tuple(class_names),
             model=model,

@@ -66,7 +66,7 @@ def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Pat
     assert run_cli(cum.cli_main, args) == 1  # relative paths resolve from the catalog's folder, not the cwd
     assert "missing.png not found" in capsys.readouterr().err
     rows = read_output(out)
-    trust_columns = ["entropy", "margin", "flag"]
+    trust_columns = ["entropy", "margin", "flag", "bands"]
     assert list(rows[0]) == ["objid", "path", "class_id", "class_name", "confidence", *trust_columns,
                              *CLASS_NAMES, "error"]
     assert [r["path"] or "" for r in rows] == paths  # a CSV reads the empty path back as null
