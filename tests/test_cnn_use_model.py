@@ -24,7 +24,7 @@ from galaxy10 import data, inference, inputs, models, networks, preprocessing
 from galaxy10.dataset import CLASS_NAMES
 from galaxy10.errors import Galaxy10Error, run_cli
 from galaxy10.files import FileCache
-from galaxy10.images import MAX_PIXELS, ImageTooLargeError, open_image
+from galaxy10.images import ImageTooLargeError, open_image
 from galaxy10.networks import CNNModel
 from galaxy10.preprocessing import image_to_tensor, to_model_input
 
