@@ -66,7 +66,7 @@ def fit(config: Config) -> dict[str, Any]:
     if config.folds > 1:
         return fit_committee(config, merge_scans(train_scan, val_scan), device, exact)
     class_names = class_names_for(train_scan.classes, config.class_names)
-    record = new_record(config, class_names, training_data(train_scan))
+    record = with_lineage(new_record(config, class_names, training_data(train_scan)), config)
     initial = initial_weights(config, record)
     train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
     val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")
@@ -125,7 +125,7 @@ def fit_committee(config: Config, scan: FolderScan, device: torch.device, exact:
     groups, copies = source_groups(scan)
     folds = assign_folds(np.array(scan.labels), groups, config.folds, config.seed)
     class_names = class_names_for(scan.classes, config.class_names)
-    record = new_record(config, class_names, training_data(scan))
+    record = with_lineage(new_record(config, class_names, training_data(scan)), config)
     initial = initial_weights(config, record)
     cache = build_cache(scan, record.preprocessing, device, config.workers, "decoding")
     print(f"a committee of {config.folds}: {len(cache)} images ({cache.where}) in {config.folds} folds, "
@@ -196,6 +196,15 @@ def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: 
     best.training.history = history
     best.record = best.record.with_metrics(epochs_trained=epochs)
     return best
+
+
+def with_lineage(record: ModelRecord, config: Config) -> ModelRecord:
+    """The record of a run started --init-from another model: what that model and its own lineage were
+    trained on is kept, so that a fine-tuned model still says its network learned from synthetic galaxies."""
+    if not config.init_from or not Path(config.init_from).is_file():
+        return record
+    source = read_record(config.init_from)
+    return dataclasses.replace(record, lineage=(*source.lineage, source.trained_on))
 
 
 def initial_weights(config: Config, record: ModelRecord) -> list[dict[str, torch.Tensor]] | None:

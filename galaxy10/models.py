@@ -10,6 +10,7 @@ those who want it. The files beside a checkpoint are named by `output_path`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -102,6 +103,8 @@ class ModelRecord:
     # What flags an image unlike the training set (trust.py); None: none is flagged.
     outliers: Trust | None = field(default=None, compare=False)
     members: int = 1  # a committee (cnn.py --folds K) serves the mean of K networks' calibrated answers
+    # What the models it was fine-tuned from (--init-from) were trained on, the first one first.
+    lineage: tuple[TrainingData, ...] = ()
 
     @property
     def architecture(self) -> Architecture:
@@ -145,6 +148,24 @@ class ModelRecord:
             raise Galaxy10Error(f"{data} has classes {list(class_names)} but {path} was trained on "
                                 f"{list(self.class_names)}: use data with the same class folders")
 
+    def describe_training(self) -> str:
+        """What the model learned from, in words, its lineage included: "real images (396 images),
+        fine-tuned from a network trained on the built-in synthetic sample (2,380 images)"."""
+        text = self.trained_on.describe()
+        if self.lineage:
+            earlier = ", then ".join(t.describe() for t in self.lineage)
+            text += f", fine-tuned from a network trained on {earlier}"
+        return text
+
+    def synthetic_warning(self) -> str | None:
+        """What to say of answers about real galaxies when the model learned from synthetic ones, or None."""
+        if self.trained_on.synthetic:
+            return "synthetic galaxies only: do not trust its answers about real galaxies"
+        if any(t.synthetic for t in self.lineage):
+            return ("its network first learned from synthetic galaxies: check its answers against real "
+                    "galaxies you know before trusting them")
+        return None
+
     def with_metrics(self, **changes: Any) -> ModelRecord:
         return replace(self, metrics=replace(self.metrics, **changes))
 
@@ -160,8 +181,8 @@ class ModelRecord:
             "recipe": self.recipe,
             "weights": self.weights,
             "source": self.source,
-            "trained_on": {"path": self.trained_on.path, "images": self.trained_on.images,
-                           "synthetic": self.trained_on.synthetic},
+            "trained_on": dataclasses.asdict(self.trained_on),
+            "lineage": [dataclasses.asdict(t) for t in self.lineage],
             "config": dict(self.settings),
             "epoch": self.metrics.epoch,
             "final_val_loss": self.metrics.val_loss,
@@ -198,6 +219,7 @@ class ModelRecord:
             temperature=float(checkpoint.get("temperature", 1.0)),
             outliers=_outliers(checkpoint.get("outliers")),
             members=int(checkpoint.get("members", 1)),
+            lineage=tuple(TrainingData(**t) for t in checkpoint.get("lineage") or ()),
         )
 
 

@@ -328,7 +328,7 @@ def describe_model(model: ServedModel, default: bool) -> ModelOut:
         class_names=list(record.class_names),
         val_acc=record.metrics.val_acc,  # a fraction, at the epoch the checkpoint kept
         epoch=record.metrics.epoch,
-        trained_on=record.trained_on.describe(),
+        trained_on=record.describe_training(),
         default=default,
     )
 

@@ -2,6 +2,7 @@
 and merging."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 import cnn_use_model as cum
-from galaxy10 import catalog
+from galaxy10 import catalog, shards
 from galaxy10.dataset import CLASS_NAMES
 from galaxy10.errors import run_cli
 
@@ -89,7 +90,7 @@ def test_catalog_rows_are_predicts_with_ids_and_errors(ckpt: Path, tmp_path: Pat
 
 def shard_paths(out: Path, shard: catalog.Shard) -> list[str]:
     folder = catalog.shard_folder(out, shard)
-    batches = catalog.shard_batches(folder, catalog.read_progress(folder))
+    batches = shards.shard_batches(folder, shards.read_progress(folder))
     return pa.Table.from_batches(batches)["path"].to_pylist()
 
 
@@ -107,10 +108,16 @@ def test_shards_are_disjoint_and_the_last_merges_them(ckpt: Path, tmp_path: Path
         assert not sharded.exists()
         assert shard_paths(sharded, catalog.Shard(index, 3)) == paths[index::3]
     assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/3"]) == 0
-    assert f"wrote {sharded} (11 rows)" in capsys.readouterr().out
+    assert f"wrote {sharded} (11 rows;" in capsys.readouterr().out
     # Exact: batches of one image compute each row alone, in this process, as the single run did.
     assert pq.read_table(sharded).equals(pq.read_table(single))
     assert pq.read_schema(sharded).field("objid").type == pa.int64()
+    # What the run says of itself, counted over every shard's rows, in the file's metadata.
+    about = json.loads(pq.read_metadata(sharded).metadata[shards.ABOUT_KEY.encode()])
+    flags = pq.read_table(sharded).column("flag").to_pylist()
+    assert about["rows"] == 11 and about["flags"] == {flag: flags.count(flag) for flag in set(flags)}
+    assert about["model"] == ckpt.name and about == json.loads(
+        pq.read_metadata(single).metadata[shards.ABOUT_KEY.encode()])
     assert not catalog.parts_folder(sharded).exists()
 
 
@@ -123,7 +130,7 @@ def test_chunks_are_whole_batches(ckpt: Path, tmp_path: Path) -> None:
             "--shard", "0/2"]  # shard 1 never runs, so the chunks stay in the parts folder to be read
     assert run_cli(cum.cli_main, args) == 0
     folder = catalog.shard_folder(out, catalog.Shard(0, 2))
-    chunks = catalog.shard_batches(folder, catalog.read_progress(folder))
+    chunks = shards.shard_batches(folder, shards.read_progress(folder))
     assert [chunk.num_rows for chunk in chunks] == [8, 3]
 
 
@@ -135,14 +142,14 @@ def test_a_merge_that_died_is_finished_by_a_rerun_once_its_claim_is_deleted(
     single, sharded = tmp_path / "single.parquet", tmp_path / "sharded.parquet"
     assert run_cli(cum.cli_main, [*common, "--out", str(single)]) == 0
     assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "0/2"]) == 0
-    claim = catalog.parts_folder(sharded) / catalog.MERGE_CLAIM
+    claim = catalog.parts_folder(sharded) / shards.MERGE_CLAIM
     claim.touch()  # as left by a merging process that was killed
     assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/2"]) == 0
     assert f"if none is, delete {claim} and rerun" in capsys.readouterr().out
     assert not sharded.exists()
     claim.unlink()
     assert run_cli(cum.cli_main, [*common, "--out", str(sharded), "--shard", "1/2", "--resume"]) == 0
-    assert f"wrote {sharded} (5 rows)" in capsys.readouterr().out
+    assert f"wrote {sharded} (5 rows;" in capsys.readouterr().out
     # Exact: batches of one image compute each row alone, in this process, as the single run did.
     assert pq.read_table(sharded).equals(pq.read_table(single))
     assert not catalog.parts_folder(sharded).exists()
@@ -183,7 +190,7 @@ def test_torchrun_output_equals_one_process_and_rank_0_writes_it(ckpt: Path, tmp
     assert_same_predictions(pq.read_table(merged), pq.read_table(single))
     assert pq.read_table(merged).column("embedding").null_count == 1  # the missing image's
     stdout = {log.parent.name: log.read_text() for log in logs.rglob("stdout.log")}
-    assert f"wrote {merged} (10 rows)" in stdout["0"]
+    assert f"wrote {merged} (10 rows;" in stdout["0"]
     assert "wrote" not in stdout["1"] and f"shard 1/2 done (5 rows); rank 0 writes {merged}" in stdout["1"]
     assert not catalog.parts_folder(merged).exists()
 
@@ -203,10 +210,10 @@ def test_killed_catalog_job_resumes_to_the_uninterrupted_result(ckpt: Path, tmp_
     env = one_thread_env()
     process = subprocess.Popen([*command, "--embeddings", str(killed)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    progress = catalog.shard_folder(killed, catalog.Shard()) / catalog.PROGRESS
+    progress = catalog.shard_folder(killed, catalog.Shard()) / shards.PROGRESS
     kill_when(process, progress.exists)  # 11 of 12 chunks still ahead, each 4 decodes of 700 px
-    written = catalog.read_progress(progress.parent)
-    assert not written["done"] and 4 <= catalog.written_rows(written) < 48 and not killed.exists()
+    written = shards.read_progress(progress.parent)
+    assert not written["done"] and 4 <= shards.written_rows(written) < 48 and not killed.exists()
 
     assert run_cli(cum.cli_main, [*command[2:], "--embeddings", str(killed), "--resume", "--tta"]) == 2
     assert_one_line_error(capsys, "other inputs, model or options", "without --resume")

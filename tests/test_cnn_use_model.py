@@ -427,7 +427,13 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
             sorted(probs)[-1] - sorted(probs)[-2], abs=1e-9)
         # This checkpoint has no outlier statistics: a confident answer is ok, a doubtful one uncertain.
         assert row["flag"] == ("ok" if float(row["confidence"]) >= 0.5 else "uncertain")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv"]  # no temporary files
+    # No temporary file; beside the table, what the run says of itself: the model, what it learned from, counts.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv", "predictions.csv.json"]
+    about = json.loads((tmp_path / "predictions.csv.json").read_text())
+    flags = [row["flag"] for row in rows]
+    assert about["rows"] == 3 and about["unreadable"] == 1 and about["model"] == ckpt.name
+    assert about["flags"] == {flag: flags.count(flag) for flag in set(flags)}
+    assert about["learned_from"] == "not recorded" and about["warning"] is None
 
 
 def test_cli_exact_writes_float32_probabilities(ckpt: Path, tmp_path: Path) -> None:
@@ -510,6 +516,47 @@ def test_cli_h5_without_labels_and_foreign_h5(ckpt: Path, tmp_path: Path,
     captured = capsys.readouterr()
     assert f"{h5}#2" in captured.out and "accuracy" not in captured.out
     assert "foreign.h5" in captured.err and "Galaxy10" in captured.err
+
+
+def test_an_h5_file_of_other_classes_is_classified_but_not_scored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 3-class model on a Galaxy10 file: its ids 0-2 are not the model's classes, so no accuracy (which would
+    rename them), one line saying why, and every row still classified; a Galaxy10 model scores it."""
+    three = tmp_path / "three_class.pth"
+    torch.manual_seed(0)
+    record = models.ModelRecord("deepcnn5", ("smooth", "disk", "merging"), preprocessing.Preprocessing(SIZE))
+    models.Checkpoint(record, CNNModel(3, SIZE).state_dict()).save(three)
+    h5 = write_h5(tmp_path / "galaxy10.h5", n=12, labels=True)
+    assert run_cli(cum.cli_main, [str(h5), "--model", str(three)]) == 0
+    captured = capsys.readouterr()
+    assert "accuracy" not in captured.out and f"{h5}#11" in captured.out
+    (said,) = [line for line in captured.err.splitlines() if line.startswith("not scored")]
+    assert "galaxy10.h5's labels are" in said and "['smooth', 'disk', 'merging']" in said
+
+
+def test_the_command_line_says_what_the_model_learned_from_and_how_many_answers_were_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's kind of model (the synthetic sample): once per run on stderr, what it learned from with the
+    warning the page gives, and at the end how many answers each flag got."""
+    path = spread_checkpoint(tmp_path / "demo.pth")
+    checkpoint = models.read_checkpoint(path)
+    checkpoint.record = dataclasses.replace(checkpoint.record, trained_on=models.TrainingData(
+        "balanced_data/train", 2380, synthetic=True))
+    checkpoint.save(path)
+    images = []
+    for seed in range(3):
+        images.append(tmp_path / f"g{seed}.png")
+        Image.fromarray(galaxy_array(seed)).save(images[-1])
+    assert run_cli(cum.cli_main, [*map(str, images), "--model", str(path)]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == "model demo.pth: learned from the built-in synthetic sample (2,380 images)"
+    assert err[1] == ("warning: demo.pth: synthetic galaxies only: do not trust its answers about real "
+                      "galaxies")
+    uncertain = sum(" uncertain " in line for line in captured.out.splitlines()[1:])
+    assert err[-1] == f"0 of 3 answers flagged unlike-training, {uncertain} uncertain"
 
 
 def test_real_galaxies_all_get_valid_predictions(ckpt: Path, real_galaxies: list[tuple[Path, int]]) -> None:

@@ -135,3 +135,40 @@ def test_three_classes_from_training_to_every_output_and_the_web_page(coarse: Pa
     assert set(answer["probabilities"]) == set(classes)
     assert page.count('class="bar-meter"') == 3 and "Confidence for all 3 classes" in page
     assert listed["num_classes"] == 3 and listed["class_names"] == classes
+
+
+# ---------------------------------------------------------------- what a model learned from, kept
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_model_keeps_its_lineage_and_its_synthetic_warning(
+    coarse: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model trained on the synthetic sample, fine-tuned onto real labels: the new checkpoint says what its
+    network learned from first, and the command line, the API and the page still warn."""
+    synthetic = tmp_path / "synthetic"
+    colour_folders(synthetic / "train", classes=COARSE, per_class=4, seed=2)
+    colour_folders(synthetic / "val", classes=COARSE, per_class=2, seed=3)
+    (synthetic / "dataset.json").write_text('{"synthetic": true}')
+    base, tuned = tmp_path / "models" / "base.pth", tmp_path / "models" / "tuned.pth"
+    base.parent.mkdir()
+    assert run_cli(cnn.main, args(synthetic, base)) == 0
+    assert run_cli(cnn.main, args(coarse, tuned, "--init-from", str(base))) == 0
+    record = models.read_record(tuned)
+    assert not record.trained_on.synthetic and [t.synthetic for t in record.lineage] == [True]
+    learned = record.describe_training()
+    assert learned.startswith("real images (12 images), fine-tuned from a network trained on the built-in "
+                              "synthetic sample (12 images)")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(image)
+    capsys.readouterr()
+    assert run_cli(cum.cli_main, [str(image), "--model", str(tuned)]) == 0
+    err = capsys.readouterr().err
+    assert f"model tuned.pth: learned from {learned}" in err
+    assert "warning: tuned.pth: its network first learned from synthetic galaxies" in err
+    with TestClient(create_app(tuned.parent)) as client:
+        listed = {m["name"]: m for m in client.get("/api/models").json()["models"]}
+        page = client.post("/upload-file/", files={"file": ("red.png", png_bytes(Image.open(image))),
+                                                   "network": (None, "tuned")}).text
+    assert listed["tuned"]["trained_on"] == learned
+    assert "Its network first learned from synthetic galaxies" in page

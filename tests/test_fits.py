@@ -3,6 +3,7 @@ files it refuses in one line, multi-extension and compressed files; and FITS thr
 API and training folders, which must all make the same pixels of a file."""
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import math
@@ -269,3 +270,68 @@ def test_training_reads_fits_folders_as_inference_does(ckpt: Path, tmp_path: Pat
         assert torch.equal(trained_on, model.preprocess(open_image(path)))
     found = inputs.find_inputs([str(root)])
     assert sorted(p.name for p in found.sources) == sorted(p.name for p in scan.paths) and not found.problems
+
+
+# ---------------------------------------------------------------- one extension per band; what was used
+
+
+def per_band_file(path: Path, bands: dict[str, np.ndarray], keyword: str = "BAND") -> Path:
+    """An empty primary HDU, then one image extension per band, named by `keyword`."""
+    extensions = []
+    for band, plane in bands.items():
+        hdu = fits.ImageHDU(plane)
+        hdu.header[keyword] = band if keyword != "FILTER" else f"{band} DECam SDSS c0001"
+        extensions.append(hdu)
+    fits.HDUList([fits.PrimaryHDU(), *extensions]).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("keyword", ["BAND", "FILTER"])
+def test_one_extension_per_band_is_assembled_like_the_cube(tmp_path: Path, keyword: str) -> None:
+    g, r, z = galaxy_cube()
+    cube = pixels(write_fits(tmp_path / "cube.fits", galaxy_cube()))
+    shuffled = per_band_file(tmp_path / "bands.fits", {"z": z, "i": r * 9, "g": g, "r": r}, keyword)
+    assert np.array_equal(pixels(shuffled), cube)  # the i band is left out, the others found by name
+    image = open_image(shuffled)
+    assert (image.mode, image.info["bands"]) == ("RGB", "g,r,z")
+    two = open_image(per_band_file(tmp_path / "two.fits", {"g": g, "r": r}, keyword))
+    assert two.mode == "RGB" and two.info["bands"] == "g,r"
+
+
+def test_every_answer_says_which_bands_made_the_picture(ckpt: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    g, r, z = galaxy_cube()
+    files = {"grz.fits": write_fits(tmp_path / "grz.fits", galaxy_cube()),
+             "gr.fits": per_band_file(tmp_path / "gr.fits", {"g": g, "r": r}),
+             "r.fits": write_fits(tmp_path / "r.fits", r, {"FILTER": "r DECam"}),
+             "unnamed.fits": write_fits(tmp_path / "unnamed.fits", r),
+             "galaxy.png": tmp_path / "galaxy.png"}
+    Image.fromarray(pixels(files["grz.fits"])).save(files["galaxy.png"])
+    expected = {"grz.fits": "g,r,z", "gr.fits": "g,r", "r.fits": "r", "unnamed.fits": "one band",
+                "galaxy.png": "RGB"}
+    assert {name: cum.predict(path, ckpt).bands for name, path in files.items()} == expected
+    out = tmp_path / "answers.csv"
+    assert run_cli(cum.cli_main, [*map(str, files.values()), "--model", str(ckpt), "--out", str(out)]) == 0
+    with out.open() as f:
+        assert [row["bands"] for row in csv.DictReader(f)] == list(expected.values())
+    assert run_cli(cum.cli_main, [str(files["gr.fits"]), "--model", str(ckpt)]) == 0
+    header, line = capsys.readouterr().out.splitlines()[-2:]
+    assert "bands" in header.split() and " g,r " in line
+    with TestClient(create_app(ckpt.parent)) as client:
+        answer = client.post("/api/predict", files={"file": ("x", files["gr.fits"].read_bytes())}).json()
+        page = client.post("/upload-file/", files={"file": ("x", files["gr.fits"].read_bytes())}).text
+    assert answer["bands"] == "g,r" and "<dt>Bands</dt><dd>g,r</dd>" in page
+
+
+def test_a_file_named_fits_that_is_not_one_is_told_the_formats_in_one_line(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = tmp_path / "notes.fits"
+    fake.write_text("SIMPLE or not, this is text\n" * 40)
+    accepted = "use a PNG, JPEG, TIFF or FITS file"
+    assert run_cli(cum.cli_main, [str(fake), "--model", str(ckpt)]) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if "notes.fits" in line]
+    assert len(said) == 1 and accepted in said[0] and "ignore_missing" not in said[0]
+    with TestClient(create_app(ckpt.parent)) as client:
+        response = client.post("/api/predict", files={"file": ("notes.fits", fake.read_bytes())})
+    assert response.status_code == 415 and accepted in response.json()["detail"]
