@@ -427,7 +427,7 @@ def test_cli_folder_csv_and_bad_files(ckpt: Path, tmp_path: Path, capsys: pytest
             sorted(probs)[-1] - sorted(probs)[-2], abs=1e-9)
         # This checkpoint has no outlier statistics: a confident answer is ok, a doubtful one uncertain.
         assert row["flag"] == ("ok" if float(row["confidence"]) >= 0.5 else "uncertain")
-    # No temporary file; beside the table, what the run says of itself: the model, what it learned from, counts.
+    # No temporary file; beside the table, what the run says of itself: the model, its provenance, counts.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv", "predictions.csv.json"]
     about = json.loads((tmp_path / "predictions.csv.json").read_text())
     flags = [row["flag"] for row in rows]
@@ -521,8 +521,8 @@ def test_cli_h5_without_labels_and_foreign_h5(ckpt: Path, tmp_path: Path,
 def test_an_h5_file_of_other_classes_is_classified_but_not_scored(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A 3-class model on a Galaxy10 file: its ids 0-2 are not the model's classes, so no accuracy (which would
-    rename them), one line saying why, and every row still classified; a Galaxy10 model scores it."""
+    """A 3-class model on a Galaxy10 file: its ids 0-2 are not the model's classes, so no accuracy (which
+    would rename them), one line saying why, and every row still classified."""
     three = tmp_path / "three_class.pth"
     torch.manual_seed(0)
     record = models.ModelRecord("deepcnn5", ("smooth", "disk", "merging"), preprocessing.Preprocessing(SIZE))
