@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -450,6 +451,37 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert not models.resume_path(model_path).exists()
 
 
+@pytest.mark.parametrize("step", ["--evaluate", "--calibrate", "--resume"])
+def test_folders_of_other_classes_are_refused_even_as_many(
+    step: str, data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The model knows classes 0 and 1; folders a and b are as many but other classes: refused in one line
+    (a count would let them through) by --evaluate, --calibrate and a --resume whose folders changed."""
+    other = colour_folders(tmp_path / "other", classes=("a", "b"), per_class=2)
+    if step == "--resume":
+        own = tmp_path / "own"
+        shutil.copytree(data, own)
+        model_path = tmp_path / "m.pth"
+        real_train_one_epoch = training.train_one_epoch
+
+        def interrupted_in_epoch_2(run, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            return real_train_one_epoch(run, epoch)
+
+        monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
+        assert train(tiny_args(own, model_path)) == 130
+        monkeypatch.undo()
+        for split in ("train", "val"):  # the interrupted run's folders now hold classes a and b
+            for name, new in (("0", "a"), ("1", "b")):
+                (own / split / name).rename(own / split / new)
+        assert train(["--model-path", str(model_path), "--resume"]) == 2
+    else:
+        assert train(["--model-path", str(trained), step, "--val-dir", str(other), "--device", "cpu"]) == 2
+    assert_one_line_error(capsys, "has classes ['a', 'b'] but", "was trained on ['0', '1']")
+
+
 @pytest.mark.parametrize(("local", "world", "launcher"), [
     ("2", "2", "torchrun --standalone --nproc_per_node 2"),
     ("4", "8", "torchrun --nnodes 2 <the same rendezvous flags> --nproc_per_node 4"),
@@ -587,9 +619,10 @@ def test_init_from_at_another_image_size_is_a_one_line_error(
 
 def bad_tree(case: str, root: Path) -> Path:
     """A data folder with one defect; returns the folder holding train/ and val/."""
+    three, too_many = ("0", "1", "2"), case == "more folders than --num-classes"
     if case != "missing train folder":
-        colour_folders(root / "train", per_class=1)
-    val_classes = ("0", "2") if case == "different classes" else ("0", "1")
+        colour_folders(root / "train", classes=three if too_many else ("0", "1"), per_class=1)
+    val_classes = three if too_many else ("0", "2") if case == "different classes" else ("0", "1")
     colour_folders(root / "val", classes=val_classes, per_class=1)
     if case == "no class folders":
         for path in sorted((root / "train").rglob("*"), reverse=True):
@@ -608,6 +641,7 @@ def bad_tree(case: str, root: Path) -> Path:
     ("train class folder without images", "could never learn"),
     ("val without images", "hold no images"),
     ("different classes", "same class folders"),
+    ("more folders than --num-classes", "has 3 class folders ['0', '1', '2'], expected 2"),
 ])
 def test_bad_folders_exit_2_with_one_line(
     case: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

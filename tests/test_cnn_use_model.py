@@ -369,6 +369,22 @@ def test_tta_is_invariant_to_flips_and_rotations(ckpt: Path) -> None:
     np.testing.assert_allclose(exact_tta, mean, atol=1e-6)
 
 
+def test_tta_on_a_batch_is_each_images_own_with_the_records_temperature(tmp_path: Path) -> None:
+    """Several images in one batch with --tta: each gets the mean over its own 8 views of softmax(logits / T),
+    computed here by hand from the plain float32 model (so views of one image are never averaged with
+    another's, and the temperature is applied to every view)."""
+    ckpt = with_temperature(spread_checkpoint(tmp_path / "model.pth"), 2.5)
+    arrays = [galaxy_array(seed) for seed in (11, 12, 13, 14, 15)]
+    batch = cum.predict_batch(arrays, ckpt, tta=True, exact=True, batch_size=5)
+    for array, answer in zip(arrays, batch, strict=True):
+        views = [Image.fromarray(np.rot90(v, k).copy()) for v in (array, np.fliplr(array)) for k in range(4)]
+        by_hand = plain_probabilities(ckpt, views, temperature=2.5).double().mean(0).numpy()
+        np.testing.assert_allclose(answer.probabilities, by_hand, atol=1e-5)
+        alone = cum.predict(array, ckpt, tta=True, exact=True).probabilities
+        assert answer.probabilities == pytest.approx(alone, abs=1e-5)
+    assert len({a.class_id for a in batch}) > 1, "the images should not all get one class"
+
+
 def test_grad_cam_heatmap(ckpt: Path) -> None:
     array = galaxy_array(8)
     prediction, heatmap = cum.grad_cam(array, ckpt)

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,20 @@ from galaxy10.errors import run_cli
 from helpers import ROOT, assert_one_line_error, kill_when, listening_socket, random_galaxy10
 
 COUNTS = [6, 9, 14, 11, 3, 10, 9, 13, 7, 9]  # 91 images of 32 px: a 280 KB Galaxy10-format file
-PIECE = 16 << 10  # bytes the server writes at a time (and sleeps between, when throttled)
+PIECE = 16 << 10  # bytes the server writes at a time
 
 
 @dataclass
 class Behaviour:
     """What the test server does: the file it serves, whether it honours Range, whether it cuts the next
-    response short, how slowly it sends; and the Range header of every request it saw (None: none)."""
+    response short, whether it holds a response after some bytes until released; and the Range header of
+    every request it saw (None: none)."""
 
     data: bytes
     honours_range: bool = True
     cut_after: int | None = None  # close the connection after this many body bytes, once
-    seconds_per_piece: float = 0.0
+    hold_after: int | None = None  # send this many body bytes of the next response, then wait for `release`
+    release: threading.Event = field(default_factory=threading.Event)
     ranges: list[str | None] = field(default_factory=list)
 
 
@@ -66,13 +67,17 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         body = serve.data[start:]
         if serve.cut_after is not None:
             body, serve.cut_after = body[:serve.cut_after], None
-        self.send_slowly(body, serve.seconds_per_piece)
+        hold, serve.hold_after = serve.hold_after, None
+        self.send(body, hold, serve.release)
 
-    def send_slowly(self, body: bytes, seconds_per_piece: float) -> None:
+    def send(self, body: bytes, hold: int | None, release: threading.Event) -> None:
         try:
             for offset in range(0, len(body), PIECE):
+                if hold is not None and offset >= hold:
+                    self.wfile.flush()
+                    release.wait(timeout=120)  # the test kills the client meanwhile, then releases
+                    hold = None
                 self.wfile.write(body[offset:offset + PIECE])
-                time.sleep(seconds_per_piece)
         except ConnectionError:  # the client was killed mid-transfer, as a test means it to be
             pass
 
@@ -183,7 +188,7 @@ def test_server_without_range_support_starts_over(server, target: Path, capsys) 
 @pytest.mark.slow
 def test_killed_script_leaves_only_the_part_and_the_next_run_resumes(server, target: Path) -> None:
     url, serve = server
-    serve.seconds_per_piece = 0.05  # 280 KB in about a second: the kill lands mid-transfer
+    serve.hold_after = 3 * PIECE  # the server sends 3 pieces and waits: the kill lands mid-transfer
     part = part_path(target)
     script = subprocess.Popen(
         [sys.executable, str(ROOT / "load_data.py"), "--download", "--url", url, "--sha256",
@@ -191,11 +196,11 @@ def test_killed_script_leaves_only_the_part_and_the_next_run_resumes(server, tar
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     kill_when(script, lambda: part.exists() and part.stat().st_size >= 3 * PIECE)
+    serve.release.set()
     kept = part.stat().st_size
-    assert 0 < kept < len(serve.data)
+    assert kept == 3 * PIECE < len(serve.data)
     assert names(target.parent) == {part.name}
 
-    serve.seconds_per_piece = 0.0
     assert download_and_export(url, target, sha256(serve.data)) == 0
     assert serve.ranges == [None, f"bytes={kept}-"]
     assert target.read_bytes() == serve.data

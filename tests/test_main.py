@@ -544,6 +544,22 @@ def test_upload_over_the_declared_limit_gets_413(client: TestClient, route: str)
         assert "The upload is too large" in response.text and 'href="/"' in response.text
 
 
+@pytest.mark.parametrize(("extra", "refused"), [(0, False), (1, True)])
+def test_the_limit_is_counted_in_mebibytes(client: TestClient, galaxy_png: bytes, extra: int, refused: bool
+                                           ) -> None:
+    """--max-upload-mb 1 is 2**20 bytes of request body: exactly that is read, one byte more is refused."""
+    boundary = "galaxyboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"g.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + galaxy_png
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    padding = b"\0" * (MAX_UPLOAD_MB * 2**20 + extra - len(head) - len(tail))  # after the PNG's end
+    body = head + padding + tail
+    assert len(body) == MAX_UPLOAD_MB * 2**20 + extra
+    response = client.post("/api/predict", content=body,
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert (response.status_code == 413) == refused, response.text
+
+
 @pytest.mark.parametrize("route", ["/api/predict", "/upload-file/"])
 def test_chunked_upload_over_the_limit_gets_413(client: TestClient, route: str) -> None:
     boundary = "galaxyboundary"
@@ -597,7 +613,9 @@ def test_middleware_never_reads_a_body_declared_too_large() -> None:
 
 
 def test_middleware_stops_reading_a_stream_at_the_limit() -> None:
-    received, sent = run_middleware([], chunks=10**9)
+    # A stream of 1,000 chunks: a middleware that failed to count would read them all (and answer 200)
+    # in a moment, not hang.
+    received, sent = run_middleware([], chunks=1000)
     assert received == 3  # 120 bytes: the first chunk over 100
     assert sent[0]["status"] == 413 and len(sent) == 2
 
