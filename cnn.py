@@ -27,7 +27,13 @@ from galaxy10.config import given_flags, parse_config, resumed_config
 from galaxy10.distributed import launched_by_torchrun, select_device
 from galaxy10.errors import Galaxy10Error, run_cli
 from galaxy10.evaluation import calibrate_checkpoint, evaluate_checkpoint
-from galaxy10.fitting import fit, resume_after_restart, saved_settings, training_processes
+from galaxy10.fitting import (
+    fit,
+    network_of_init_from,
+    resume_after_restart,
+    saved_settings,
+    training_processes,
+)
 from galaxy10.models import load_checkpoint
 from galaxy10.networks import CNNModel
 
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = resume_after_restart(config)
         if config.resume:
             config = resumed_config(saved_settings(config.model_path), given_flags(argv))
-        fit(config)
+        fit(network_of_init_from(config, given_flags(argv)))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ class Config:
     precision: str = flag("auto", "bfloat16 autocast for training and validation; auto uses it on CUDA and "
                                   "on CPUs that compute it natively (AVX512-BF16, AMX)", choices=PRECISIONS)
     workers: int = flag(2, "threads decoding images into the cache")
+    skip_unreadable: bool = flag(False, "train without the images that cannot be read, with a count of them "
+                                        "(without it, they are all listed in one error and nothing trains)")
     no_augment: bool = flag(False, "train on the images as they are (the same as --augment none)")
     no_dropout: bool = flag(False, "train without dropout")
     sync_bn: bool = flag(False, "under torchrun on GPUs, BatchNorm statistics over all processes' batches "
@@ -202,7 +204,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # What --resume may change: where the checkpoint lives and how the run is executed, not what it computes.
-RESUME_MAY_CHANGE = frozenset({"model_path", "resume", "device", "workers", "compile"})
+RESUME_MAY_CHANGE = frozenset({"model_path", "resume", "device", "workers", "compile", "skip_unreadable"})
 
 
 def flag_name(name: str) -> str:

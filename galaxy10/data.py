@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,23 +114,19 @@ def check_classes(train: FolderScan, val: FolderScan, num_classes: int | None) -
         )
 
 
-def read_image(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
-    """One image file as the model's uint8 input; an unreadable file is a user error naming it. Read by
-    images.open_image, as inference reads it, so a FITS cutout becomes the same pixels in both."""
-    try:
-        return preprocessing(open_image(path))
-    except (ImageError, OSError, ValueError) as err:
-        raise Galaxy10Error(f"cannot read image {path} ({err}); replace or delete it") from None
-
-
 def decode_images(paths: Sequence[Path], preprocessing: Preprocessing, workers: int, desc: str
-                  ) -> torch.Tensor:
-    """Decode every image once into a uint8 (N, 3, S, S) tensor; Pillow releases the GIL, so threads scale."""
+                  ) -> tuple[torch.Tensor, dict[int, str]]:
+    """Decode every image once into a uint8 (N, 3, S, S) tensor (Pillow releases the GIL, so threads scale),
+    and say which could not be read, by position, with why."""
     side = preprocessing.image_size
     images = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
+    failures: dict[int, str] = {}
 
     def load(i: int) -> None:
-        images[i] = read_image(paths[i], preprocessing)
+        try:
+            images[i] = preprocessing(open_image(paths[i]))
+        except (ImageError, OSError, ValueError) as err:
+            failures[i] = str(err)
 
     pool = ThreadPoolExecutor(max_workers=max(workers, 1))
     try:
@@ -137,8 +134,26 @@ def decode_images(paths: Sequence[Path], preprocessing: Preprocessing, workers: 
                               disable=not is_main_process()):
             pass
     finally:
-        pool.shutdown(cancel_futures=True)  # after a bad image or Ctrl-C, skip the rest of the queue
-    return images
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C, skip the rest of the queue
+    return images, failures
+
+
+def unreadable(scan: FolderScan, failures: dict[int, str], skip: bool) -> torch.Tensor | None:
+    """The images to keep (a mask over the scan; None: all). Unreadable ones are one error listing every one
+    of them, path and reason, unless `skip` (--skip-unreadable), which leaves them out with a count."""
+    if not failures:
+        return None
+    listed = "; ".join(f"{scan.paths[i]} ({failures[i]})" for i in sorted(failures))
+    if not skip:
+        raise Galaxy10Error(f"{len(failures)} image(s) under {scan.root} cannot be read: {listed}; replace "
+                            "or delete them, or add --skip-unreadable to train without them")
+    print(f"skipped {len(failures)} unreadable image(s) under {scan.root} (--skip-unreadable): {listed}",
+          file=sys.stderr)
+    kept = torch.ones(len(scan.paths), dtype=torch.bool)
+    kept[sorted(failures)] = False
+    if not kept.any():
+        raise Galaxy10Error(f"no image under {scan.root} can be read: {listed}")
+    return kept
 
 
 @dataclass
@@ -148,6 +163,7 @@ class ImageCache:
     images: torch.Tensor  # uint8 (N, 3, S, S)
     labels: torch.Tensor  # int64 (N,)
     device: torch.device  # where batches are used
+    kept: torch.Tensor | None = None  # which of its folder scan's images it holds (None: all of them)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -179,10 +195,18 @@ def place_cache(images: torch.Tensor, labels: torch.Tensor, device: torch.device
 
 
 def build_cache(
-    scan: FolderScan, preprocessing: Preprocessing, device: torch.device, workers: int, desc: str
+    scan: FolderScan, preprocessing: Preprocessing, device: torch.device, workers: int, desc: str,
+    skip_unreadable: bool = False,
 ) -> ImageCache:
-    images = decode_images(scan.paths, preprocessing, workers, desc)
-    return place_cache(images, torch.tensor(scan.labels, dtype=torch.long), device)
+    """Every image of the scan decoded once (see `unreadable` for those that cannot be)."""
+    images, failures = decode_images(scan.paths, preprocessing, workers, desc)
+    labels = torch.tensor(scan.labels, dtype=torch.long)
+    kept = unreadable(scan, failures, skip_unreadable)
+    if kept is not None:
+        images, labels = images[kept], labels[kept]
+    cache = place_cache(images, labels, device)
+    cache.kept = kept
+    return cache
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -133,7 +133,8 @@ def checkpoint_on_val(config: Config) -> tuple[Checkpoint, InferenceModel, Image
     scan = scan_image_folder(config.val_dir)
     record.check_classes(class_names_for(scan.classes, config.class_names), config.val_dir, config.model_path)
     model = served_model(checkpoint, str(config.model_path), device)
-    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val")
+    val = build_cache(scan, record.preprocessing, device, config.workers, "decoding val",
+                      config.skip_unreadable)
     return checkpoint, model, val, eval_batch_size(config.batch_size, device)
 
 

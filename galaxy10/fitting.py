@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from galaxy10.committee import (
     member_path,
     out_of_fold,
 )
-from galaxy10.config import Config
+from galaxy10.config import Config, flag_name
 from galaxy10.data import (
     FolderScan,
     ImageCache,
@@ -68,8 +68,11 @@ def fit(config: Config) -> dict[str, Any]:
     class_names = class_names_for(train_scan.classes, config.class_names)
     record = with_lineage(new_record(config, class_names, training_data(train_scan)), config)
     initial = initial_weights(config, record)
-    train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train")
-    val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val")
+    train = build_cache(train_scan, record.preprocessing, device, config.workers, "decoding train",
+                        config.skip_unreadable)
+    val = build_cache(val_scan, record.preprocessing, device, config.workers, "decoding val",
+                      config.skip_unreadable)
+    record = trained_on_count(record, len(train))
     print(f"train {len(train)} images ({train.where}), val {len(val)} images ({val.where}), "
           f"{describe_run(config, record, device)}")
     run, seconds, epochs = train_run(config, device, record, train, val, initial[0] if initial else None)
@@ -122,12 +125,16 @@ def fit_committee(config: Config, scan: FolderScan, device: torch.device, exact:
     """--folds K: K members, member k trained on every fold but k and stopped early on fold k (seed + k), one
     after another (with --resume, finished members are kept and an interrupted one continues); then the
     committee's checkpoint, calibrated and reported on the out-of-fold answers (committee.py)."""
-    groups, copies = source_groups(scan)
-    folds = assign_folds(np.array(scan.labels), groups, config.folds, config.seed)
     class_names = class_names_for(scan.classes, config.class_names)
     record = with_lineage(new_record(config, class_names, training_data(scan)), config)
     initial = initial_weights(config, record)
-    cache = build_cache(scan, record.preprocessing, device, config.workers, "decoding")
+    cache = build_cache(scan, record.preprocessing, device, config.workers, "decoding",
+                        config.skip_unreadable)
+    record = trained_on_count(record, len(cache))
+    groups, copies = (np.array(values) for values in source_groups(scan))
+    if cache.kept is not None:  # --skip-unreadable left some out
+        groups, copies = groups[cache.kept.numpy()], copies[cache.kept.numpy()]
+    folds = assign_folds(cache.labels.cpu().numpy(), groups.tolist(), config.folds, config.seed)
     print(f"a committee of {config.folds}: {len(cache)} images ({cache.where}) in {config.folds} folds, "
           f"{describe_run(config, record, device)}")
     members, seconds = [], 0.0
@@ -150,7 +157,7 @@ def fit_committee(config: Config, scan: FolderScan, device: torch.device, exact:
         members.append(done)
     if not is_main_process():
         return from_main_process(None)
-    originals = torch.tensor(copies).logical_not()  # the augmented copies train, and are never scored
+    originals = torch.from_numpy(~copies)  # the augmented copies train, and are never scored
     return finish_committee(config, record, members, cache.subset(originals), folds[originals.numpy()],
                             seconds, device, exact)
 
@@ -196,6 +203,26 @@ def finish_checkpoint(model_path: str, history: dict[str, list[float]], epochs: 
     best.training.history = history
     best.record = best.record.with_metrics(epochs_trained=epochs)
     return best
+
+
+def network_of_init_from(config: Config, given: Mapping[str, Any]) -> Config:
+    """--init-from M: the run's network, image size and crop are M's unless a flag gives them (one that
+    contradicts M is then refused, in one line, before any image is decoded)."""
+    if not config.init_from or config.resume:
+        return config
+    source = read_record(config.init_from)
+    inherited = {"arch": source.arch, "image_size": source.image_size, "crop": source.crop}
+    changes = {name: value for name, value in inherited.items() if name not in given}
+    if changes:
+        said = [f"{flag_name(name)} {value:g}" if isinstance(value, float) else f"{flag_name(name)} {value}"
+                for name, value in changes.items()]
+        print(f"from {config.init_from}: {', '.join(said)}")
+    return dataclasses.replace(config, **changes)
+
+
+def trained_on_count(record: ModelRecord, images: int) -> ModelRecord:
+    """The record with the count of images it trains on (the readable ones, with --skip-unreadable)."""
+    return dataclasses.replace(record, trained_on=dataclasses.replace(record.trained_on, images=images))
 
 
 def with_lineage(record: ModelRecord, config: Config) -> ModelRecord:

@@ -169,12 +169,12 @@ def make_run(config: Config, device: torch.device, record: ModelRecord, train: I
     model = record.build(head_init=recipe.head_init)
     if config.weights:
         record = dataclasses.replace(record, weights=load_pretrained(model, config.arch, config.weights))
+    if config.freeze_body:  # before the summary, which counts the frozen weights as non-trainable
+        freeze_all_but_the_output_layer(model)
     print_model_summary(model, config.image_size)
     model = model.to(device, memory_format=torch.channels_last)
     if config.no_dropout:
         switch_off_dropout(model)
-    if config.freeze_body:
-        freeze_all_but_the_output_layer(model)
     if config.sync_bn and world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_dropout_per_process(config.seed)

@@ -331,7 +331,11 @@ def test_evaluate_and_init_from_rebuild_the_checkpoints_network(
     flags = ["--arch", "resnet18", "--crop", "0.75", "--epochs", "1", "--init-from", str(resnet_run)]
     assert train(tiny_args(data, tuned, *flags)) == 0
     assert load(tuned)["architecture"] == "resnet18"
-    assert train(tiny_args(data, tmp_path / "m.pth", "--init-from", str(resnet_run))) == 2
+    # Without --arch the run takes the source's network; one that contradicts it is refused.
+    assert train(tiny_args(data, tmp_path / "m.pth", "--epochs", "1", "--init-from", str(resnet_run))) == 0
+    assert models.read_record(tmp_path / "m.pth").arch == "resnet18"
+    contradicting = tiny_args(data, tmp_path / "d.pth", "--arch", "deepcnn5", "--init-from", str(resnet_run))
+    assert train(contradicting) == 2
     assert_one_line_error(capsys, "is a resnet18; pass --arch resnet18")
 
 
@@ -614,6 +618,27 @@ def test_init_from_at_another_image_size_is_a_one_line_error(
     assert not (tmp_path / "m.pth").exists()
 
 
+def test_init_from_gives_its_network_size_and_crop_and_freeze_body_counts_them_frozen(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --arch, --image-size or --crop needed: the run takes the source model's; --freeze-body's summary
+    counts every weight but the output layer's as non-trainable."""
+    source = tmp_path / "source.pth"
+    assert train(tiny_args(data, source, "--epochs", "1", "--image-size", "64", "--crop", "0.8")) == 0
+    capsys.readouterr()
+    args = tiny_args(data, tmp_path / "probe.pth", "--epochs", "1")
+    args = [a for a in args if a not in ("--image-size", "32")]
+    assert train([*args, "--init-from", str(source), "--freeze-body"]) == 0
+    out = capsys.readouterr().out
+    assert f"from {source}: --arch deepcnn5, --image-size 64, --crop 0.8" in out
+    record = models.read_record(tmp_path / "probe.pth")
+    assert (record.arch, record.image_size, record.crop) == ("deepcnn5", 64, 0.8)
+    model = networks.CNNModel(2, 64)
+    total = sum(p.numel() for p in model.parameters())
+    output = sum(p.numel() for p in model.classifier[-1].parameters())
+    assert f"Trainable params: {output:,}" in out and f"Non-trainable params: {total - output:,}" in out
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -661,12 +686,20 @@ def test_bad_settings_exit_2_with_one_line(
     assert_one_line_error(capsys, flag)
 
 
-def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    colour_folders(tmp_path / "train", per_class=2)
+def test_every_unreadable_image_is_listed_in_one_line_or_skipped_with_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    colour_folders(tmp_path / "train", per_class=3)
     colour_folders(tmp_path / "val", per_class=1)
     (tmp_path / "train" / "1" / "img_1.png").write_bytes(b"not a png")
+    (tmp_path / "train" / "0" / "img_2.png").write_bytes(b"")
     assert train(tiny_args(tmp_path, tmp_path / "m.pth")) == 2
-    assert_one_line_error(capsys, "cannot read image", "img_1.png")
+    assert_one_line_error(capsys, "2 image(s) under", "0/img_2.png (", "1/img_1.png (", "--skip-unreadable")
+    assert not (tmp_path / "m.pth").exists()
+    assert train(tiny_args(tmp_path, tmp_path / "m.pth", "--epochs", "1", "--skip-unreadable")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable image(s) under" in err and "1/img_1.png (" in err
+    assert models.read_record(tmp_path / "m.pth").trained_on.images == 4  # the readable ones
 
 
 def test_a_nan_loss_stops_the_run_with_one_line(

@@ -128,7 +128,7 @@ def test_inference_preprocessing_is_trainings(real_galaxies: list[tuple[Path, in
         path = save_weights(tmp_path / f"{size}.pth", CNNModel(10, size).state_dict(), size=size, crop=crop)
         model = cum.load_model(path)
         for galaxy, _ in real_galaxies[:6] + [g for g in real_galaxies if g[0].suffix == ".png"][:2]:
-            expected = data.read_image(galaxy, model.record.preprocessing)
+            expected = data.decode_images([galaxy], model.record.preprocessing, 1, "decoding")[0][0]
             assert torch.equal(model.preprocess(open_image(galaxy)), expected)
             assert torch.equal(expected, image_to_tensor(Image.open(galaxy), size, crop))
 

@@ -266,7 +266,7 @@ def test_training_reads_fits_folders_as_inference_does(ckpt: Path, tmp_path: Pat
     assert scan.labels == [0, 0, 1, 1, 1]
     model = cum.load_model(ckpt)
     for path in scan.paths:
-        trained_on = data.read_image(path, preprocessing.Preprocessing(SIZE))
+        trained_on = data.decode_images([path], preprocessing.Preprocessing(SIZE), 1, "decoding")[0][0]
         assert torch.equal(trained_on, model.preprocess(open_image(path)))
     found = inputs.find_inputs([str(root)])
     assert sorted(p.name for p in found.sources) == sorted(p.name for p in scan.paths) and not found.problems
