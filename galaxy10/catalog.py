@@ -33,6 +33,7 @@ Classify = Callable[[Iterator["Row"], int], Iterator[tuple["Row", Result]]]
 CATALOG_SUFFIXES = (".csv", ".parquet")
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 CATALOG_BATCH_ROWS = 65_536  # catalog rows read at once: a few MB of paths, whatever the table's size
+CSV_COUNT_BYTES = 1 << 22  # read at a time to count a CSV catalog's rows
 DEFAULT_CHUNK_ROWS = 1024
 # Far above torch.distributed's default 30 minutes: a resumed rank with little left to do may wait
 # hours at the barrier for the others.
@@ -63,7 +64,7 @@ class Catalog:
     path: Path
     path_column: str
     id_field: pa.Field | None  # the --id-column, carried into the output with its type
-    rows: int | None  # from a Parquet footer; a CSV file is not counted in advance
+    rows: int  # from a Parquet footer, or a CSV file's lines
 
     def entries(self) -> Iterator[Row]:
         folder = self.path.parent
@@ -87,6 +88,17 @@ class Catalog:
             raise Galaxy10Error(f"{self.path} cannot be read ({err}): check the table") from None
 
 
+def csv_rows(path: Path) -> int:
+    """A CSV table's rows (its lines less the header), counted at disk speed for the progress bar's total and
+    time left: a path never holds a line break, so the lines are the rows."""
+    lines, last = 0, b"\n"
+    with path.open("rb") as file:
+        while block := file.read(CSV_COUNT_BYTES):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return max(0, lines + (last != b"\n") - 1)
+
+
 def open_catalog(path: Path, path_column: str, id_column: str | None) -> Catalog:
     """Check a catalog's columns from its header (CSV) or footer (Parquet), reading none of its rows."""
     is_parquet = path.suffix.lower() == ".parquet"
@@ -96,7 +108,7 @@ def open_catalog(path: Path, path_column: str, id_column: str | None) -> Catalog
             schema, rows = file.schema_arrow, file.metadata.num_rows
         else:
             with pacsv.open_csv(path) as reader:
-                schema, rows = reader.schema, None
+                schema, rows = reader.schema, csv_rows(path)
     except (pa.ArrowException, OSError) as err:
         kind = "Parquet" if is_parquet else "CSV"
         raise Galaxy10Error(f"{path} is not a readable {kind} table ({err})") from None
@@ -130,9 +142,9 @@ class Shard:
         """This shard's rows, less its first `skip` (written by an earlier run)."""
         return islice(rows, self.index + skip * self.count, None, self.count)
 
-    def size(self, total: int | None) -> int | None:
+    def size(self, total: int) -> int:
         """How many of `total` rows are this shard's."""
-        return None if total is None else len(range(self.index, total, self.count))
+        return len(range(self.index, total, self.count))
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"

@@ -143,7 +143,7 @@ class RowClassifier:
     order with a progress bar, prints each in `lines`, notes .h5 rows' classes, counts the unreadable."""
 
     args: argparse.Namespace
-    total: int | None  # rows of this shard, where known in advance
+    total: int  # rows of this shard
     lines: ResultLines | None
     failures: int = 0
     flags: Counter[str] = field(default_factory=Counter)

@@ -67,10 +67,9 @@ class Inputs:
             elif isinstance(source, Path):
                 yield str(source)
 
-    def count(self) -> int | None:
-        """How many rows, where that is known without reading them (not for a CSV catalog)."""
-        counts = [1 if isinstance(source, Path) else source.rows for source in self.sources]
-        return None if None in counts else sum(counts)
+    def count(self) -> int:
+        """How many rows, without reading an image."""
+        return sum(1 if isinstance(source, Path) else source.rows for source in self.sources)
 
     @property
     def catalog(self) -> Catalog | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,11 @@ def test_demo_pipeline_trains_a_model_the_page_serves(tmp_path: Path) -> None:
                 "CPU_PROFILE=--image-size 32 --epochs 2 --workers 1", CUDA_VISIBLE_DEVICES="")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "no GPU: training the CPU profile" in done.stdout
+    # Output to a file (here, pipes), as `make pipeline > log` or a SLURM job: plain lines, no bar frames.
+    log = done.stdout + done.stderr
+    assert "\r" not in log
+    assert re.search(r"^rendering galaxy10_sample\.h5: 60/60 img \(100%\), .* done in \d+s$", log, re.M), log
+    assert re.search(r"^evaluating: \d+/\d+ img \(100%\)", log, re.M)
     assert (tmp_path / "galaxy10_sample.h5").is_file()
     assert (tmp_path / "data" / "manifest.csv").is_file()
     assert (tmp_path / "balanced_data" / "manifest.csv").is_file()
