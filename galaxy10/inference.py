@@ -322,11 +322,13 @@ def predict_batch(
 
 
 def features(sources: Iterable[Source], model_path: str | os.PathLike[str] = DEFAULT_CHECKPOINT, *,
-             batch_size: int = 16, device: str = "auto") -> np.ndarray:
-    """The penultimate features (N, D) of the images, in order, as float32: an embedding in the network's own
-    terms, for finding galaxies like one another or unlike all; an unreadable source raises its ImageError."""
+             batch_size: int = 16, device: str = "auto", exact: bool = False) -> np.ndarray:
+    """The penultimate features (N, D) of the images, in order, in a float32 array: an embedding in the
+    network's own terms, for finding galaxies like one another or unlike all; an unreadable source raises its
+    ImageError. Computed as the answers are, and as --embeddings writes them: in bfloat16 where the CPU has it
+    natively, in float32 with `exact` (--exact)."""
     rows = []
-    for result in iter_predictions(sources, model_path, batch_size=batch_size, device=device, exact=True,
+    for result in iter_predictions(sources, model_path, batch_size=batch_size, device=device, exact=exact,
                                    embeddings=True):
         if isinstance(result, ImageError):
             raise result

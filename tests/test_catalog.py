@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import cnn_use_model as cum
-from galaxy10 import catalog, shards
+from galaxy10 import catalog, inference, shards
 from galaxy10.dataset import CLASS_NAMES
 from galaxy10.errors import run_cli
 
@@ -262,7 +262,7 @@ def test_embeddings_are_the_penultimate_features_per_row_through_shards(
     paths[3] = "cutouts/missing.png"
     table = write_catalog(tmp_path / "catalog.parquet", {"path": paths, "objid": list(range(200, 207))})
     common = [str(table), "--model", str(ckpt), "--id-column", "objid", "--batch-size", "2",
-              "--chunk-size", "2", "--exact"]  # float32, as features() computes them
+              "--chunk-size", "2", "--exact"]  # float32, as features(exact=True) computes them
     whole, sharded = tmp_path / "whole.parquet", tmp_path / "sharded.parquet"
     assert run_cli(cum.cli_main, [*common, "--embeddings", str(whole)]) == 1  # one row is unreadable
     for index, unreadable in ((1, 1), (0, 0)):  # row 3, the unreadable one, is shard 1's
@@ -273,7 +273,7 @@ def test_embeddings_are_the_penultimate_features_per_row_through_shards(
     assert [(r["path"], r["class_id"], r["error"]) for r in rows] == [(r["path"], r["class_id"], r["error"])
                                                                       for r in merged]
     readable = [i for i, r in enumerate(rows) if r["error"] is None]
-    expected = cum.features([tmp_path / rows[i]["path"] for i in readable], ckpt)
+    expected = cum.features([tmp_path / rows[i]["path"] for i in readable], ckpt, exact=True)
     assert expected.shape == (6, cum.load_model(ckpt).embedding_size)
     for output in (rows, merged):  # other batches: equal up to float32 rounding
         embeddings = np.array([output[i]["embedding"] for i in readable])
@@ -284,3 +284,21 @@ def test_embeddings_are_the_penultimate_features_per_row_through_shards(
     assert run_cli(cum.cli_main, [*common, "--embeddings", str(whole), "--out", str(whole)]) == 2
     err = capsys.readouterr().err
     assert "name a .parquet file" in err and "give one of them" in err
+
+
+def test_embeddings_on_the_command_line_and_from_python_agree_by_default(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both computed as the answers are: here in bfloat16 (forced on this CPU, emulated where it lacks it)."""
+    monkeypatch.setattr(inference, "native_bf16", lambda device: device.type == "cpu")
+    monkeypatch.setattr(inference, "_models", inference.FileCache())
+    paths = survey_images(tmp_path, 4)
+    table = write_catalog(tmp_path / "catalog.parquet", {"path": paths})
+    out = tmp_path / "embeddings.parquet"
+    assert run_cli(cum.cli_main, [str(table), "--model", str(ckpt), "--embeddings", str(out)]) == 0
+    written = np.array([row["embedding"] for row in read_output(out)])
+    from_python = cum.features([tmp_path / path for path in paths], ckpt)
+    scale = np.abs(from_python).max()
+    assert np.abs(written - from_python).max() < 1e-5 * scale  # the same computation
+    exact = cum.features([tmp_path / path for path in paths], ckpt, exact=True)
+    assert np.abs(exact - from_python).max() > 1e-3 * scale  # bfloat16 did round them
