@@ -252,3 +252,46 @@ def test_calibrate_writes_a_new_file_and_never_rewrites_the_original(
     prediction = cum.predict(galaxy_array(0), calibrated)
     assert prediction.flag in trust.FLAGS and math.isfinite(prediction.entropy)
     assert record.class_names == CLASS_NAMES
+
+
+# ---------------------------------------------------------------- a run that learned nothing says so
+
+
+def test_a_run_that_learned_nothing_says_it_against_the_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One noisy square under both names, 3 of one class and 1 of the other to validate on: nothing to learn,
+    so the last lines set the model against always answering the larger class, with a warning."""
+    colour_folders(tmp_path / "train", per_class=4, seed=0, same=True)
+    (tmp_path / "val").mkdir()
+    colour_folders(tmp_path / "val_a", per_class=3, seed=1, same=True)
+    (tmp_path / "val_a" / "0").rename(tmp_path / "val" / "0")
+    colour_folders(tmp_path / "val_b", per_class=1, seed=2, same=True)
+    (tmp_path / "val_b" / "1").rename(tmp_path / "val" / "1")
+    model_path = tmp_path / "m.pth"
+    args = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"), "--model-path",
+            str(model_path), "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "1",
+            "--device", "cpu", "--precision", "fp32"]
+    assert run_cli(cnn.main, args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(models.output_path(model_path, "report.json").read_text())
+    assert report["baselines"] == {"majority_class": 0, "majority_accuracy": 0.75,
+                                   "majority_macro_f1": pytest.approx(2 * 0.75 / 1.75 / 2),
+                                   "chance_accuracy": 0.5}
+    (warning,) = [line for line in captured.err.splitlines() if line.startswith("warning: the model")]
+    assert "always answering 0 scores 75.00%" in warning
+
+
+def test_calibration_that_makes_the_ece_worse_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """Fitting T minimises the likelihood, which can leave a few images' ECE worse: a warning, not silence."""
+    from galaxy10.evaluation import calibration_report
+
+    logits = torch.tensor([[-2.4, 1.3, -2.9], [-2.7, -1.0, 0.3], [0.7, 0.7, 2.1], [1.7, 0.2, -1.2],
+                           [-0.6, 0.1, 1.7], [-0.1, -1.9, 1.1], [-1.3, -3.6, 1.2], [2.1, -1.6, 0.5]])
+    labels = torch.tensor([1, 2, 1, 0, 1, 2, 1, 0])
+    temperature = trust.fit_temperature(logits, labels)
+    calibration = calibration_report(logits, labels, temperature, 0.0)
+    err = capsys.readouterr().err
+    worse = calibration["ece_after"] > calibration["ece_before"]
+    assert worse == ("warning: calibration made the ECE worse" in err)
+    assert worse, calibration  # this case is built to: the likelihood's T is not the ECE's
