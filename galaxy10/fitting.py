@@ -264,14 +264,17 @@ def start_from(run: Run, weights: dict[str, torch.Tensor], source: str) -> None:
 
 
 def saved_settings(model_path: str) -> dict[str, Any]:
-    """The settings of the interrupted run whose resume file sits beside model_path."""
+    """The settings of the interrupted run whose resume file sits beside model_path (a committee's: those of
+    its members' files, which record the committee's settings)."""
     path = resume_path(model_path)
-    if not path.is_file():
+    members = sorted(Path(model_path).parent.glob(f"{Path(model_path).stem}.fold*.pth"))
+    found = next((p for p in [path, *members] if p.is_file()), None)
+    if found is None:
         raise Galaxy10Error(f"--resume: {path} not found; it is written after each epoch and removed when "
                             "a run finishes, so start without --resume (or check --model-path)")
-    settings = read_record(path).settings
+    settings = read_record(found).settings
     if not settings:
-        raise Galaxy10Error(f"--resume: {path} holds no settings of its run: start without --resume")
+        raise Galaxy10Error(f"--resume: {found} holds no settings of its run: start without --resume")
     return dict(settings)
 
 
