@@ -13,6 +13,7 @@ import torchvision
 from PIL import Image
 
 import cnn
+import load_data
 import preprocess_and_balancing
 from galaxy10 import augment, config, models, networks, preprocessing, reports, synthetic, training
 from galaxy10.config import FIELDS, PRESET_NETWORKS, PRESETS, Config, parse_config, resume_command
@@ -796,3 +797,22 @@ def test_end_to_end_on_the_built_in_sample(tmp_path: Path) -> None:
     assert checkpoint["class_names"] == list(CLASS_NAMES)
     report = json.loads(models.output_path(tmp_path / "m.pth", "report.json").read_text())
     assert report["n_samples"] == len(list((balanced / "val").rglob("*.png"))) == 20  # 20% of 100
+
+
+@pytest.mark.slow
+def test_the_full_preset_trains_a_few_steps_on_256_px_galaxies(tmp_path: Path) -> None:
+    """--preset full (the whole-file GPU recipe) end to end on the CPU: a few steps on 256 px synthetic
+    galaxies, its settings recorded as the preset says."""
+    h5 = synthetic.write_sample(tmp_path / "s.h5", n=20, seed=0, image_size=256, workers=1, progress=False)
+    export = ["--h5", str(h5), "--out", str(tmp_path / "data"), "--workers", "1", "--val-size", "0.5"]
+    assert run_cli(load_data.main, export) == 0
+    model_path = tmp_path / "full.pth"
+    args = ["--preset", "full", "--train-dir", str(tmp_path / "data" / "train"), "--val-dir",
+            str(tmp_path / "data" / "val"), "--model-path", str(model_path), "--epochs", "1", "--batch-size",
+            "8", "--workers", "1", "--device", "cpu", "--precision", "fp32"]
+    assert train(args) == 0
+    record = models.read_record(model_path)
+    assert (record.arch, record.image_size, record.crop) == ("d4resnet18", 256, 1.0)
+    assert record.settings["mixup"] == 0.2 and record.settings["augment"] == "rotation"
+    report = json.loads(models.output_path(model_path, "report.json").read_text())
+    assert report["n_samples"] == 10 and 0 <= report["accuracy"] <= 1
