@@ -62,8 +62,9 @@ def train(data: Path, seed: int, folder: Path) -> dict:
                str(data / "train"), "--val-dir", str(data / "val"), "--model-path", str(model_path))
     report = json.loads(output_path(model_path, "report.json").read_text())
     return {"seed": seed, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-            "ece": report["ece"], "tta_accuracy": report["tta"]["accuracy"], "train_minutes": report["train_seconds"] / 60,
-            "images_per_s": report["train_images_per_s"], "n": report["n_samples"]}
+            "ece": report["ece"], "tta_accuracy": report["tta"]["accuracy"],
+            "train_minutes": report["train_seconds"] / 60, "images_per_s": report["train_images_per_s"],
+            "n": report["n_samples"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
