@@ -3,8 +3,8 @@ early on its own fold, served as one model (the mean of their calibrated answers
 (`assign_folds`: stratified, an image and the augmented copies made of it always in one fold), the members'
 files, and what the out-of-fold answers make of the committee: every image answered by the one member that
 never saw it gives the report (accuracy, macro-F1, ECE), the temperature (fitted on all the images instead
-of one small split) and each member's unlike-training statistics (`OutOfFold`, `assemble`). fitting.py
-trains the members.
+of one small split) and each member's unlike-training statistics (`out_of_fold`, `calibrated_outliers`),
+and the committee's checkpoint (`committee_checkpoint`). fitting.py trains the members.
 """
 from __future__ import annotations
 
