@@ -92,8 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
              f"(default: {DEFAULT_CHUNK_ROWS})",
     )
     parser.add_argument(
-        "--tta", action="store_true",
-        help="average over the 8 flips and quarter turns: 8x the work (default: off)",
+        "--tta", action=argparse.BooleanOptionalAction, default=None,
+        help="average over the 8 flips and quarter turns (8x the work), or with --no-tta answer from the "
+             "image alone (default: as the checkpoint says: cnn.py --serve-tta)",
     )
     parser.add_argument(
         "--batch-size", type=_positive, default=16, help="images per forward pass (default: 16)"

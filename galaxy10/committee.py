@@ -49,8 +49,9 @@ def assign_folds(labels: np.ndarray, groups: list[int], folds: int, seed: int) -
 @dataclass
 class OutOfFold:
     """Every image's answer from the member that never saw it: the members' logits on their own folds,
-    scattered back into image order as a committee of one's (1, N, C), and each member's unlike-training
-    statistics (fitted on its training folds' features, thresholded on its own fold's)."""
+    scattered back into image order as a committee of one's (1, N, C), or (8, N, C) for a model that answers
+    with the 8 flips and quarter turns averaged, and each member's unlike-training statistics (fitted on its
+    training folds' features, thresholded on its own fold's)."""
 
     logits: torch.Tensor
     outliers: list[trust.Outliers]
@@ -60,7 +61,8 @@ class OutOfFold:
 def out_of_fold(members: list[Checkpoint], cache: ImageCache, folds: np.ndarray, batch_size: int,
                 exact: bool, device: torch.device) -> OutOfFold:
     """Each member's served answers on its own fold and its statistics (see OutOfFold)."""
-    logits = torch.empty(len(cache), len(members[0].record.class_names))
+    views = 8 if members[0].record.tta else 1
+    logits = torch.empty(views, len(cache), len(members[0].record.class_names))
     outliers, features = [], []
     for k, member in enumerate(members):
         served = served_model(member, f"member {k + 1}", device)
@@ -69,10 +71,10 @@ def out_of_fold(members: list[Checkpoint], cache: ImageCache, folds: np.ndarray,
                                                    f"member {k + 1}: its fold")
         train = cache.subset(~held)
         train_features = served_logits(served, train, batch_size, exact, f"member {k + 1}: its training")[0]
-        logits[held] = fold_logits[0]
+        logits[:, held] = fold_logits
         outliers.append(trust.fit_outliers(train_features[0], train.labels.cpu(), fold_features[0]))
         features.append(fold_features[0])
-    return OutOfFold(logits[None], outliers, features)
+    return OutOfFold(logits, outliers, features)
 
 
 def calibrated_outliers(oof: OutOfFold, labels: torch.Tensor) -> tuple[float, trust.CommitteeOutliers, dict]:

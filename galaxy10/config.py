@@ -158,6 +158,9 @@ class Config:
                               "two")
     ema: float = flag(0.0, "validate and keep an exponential moving average of the weights with this decay "
                            "per step (e.g. 0.998); 0 is off")
+    serve_tta: bool = flag(False, "record that the model answers with the image's 8 flips and quarter turns "
+                                  "averaged, by default, wherever it is served (calibrated so); "
+                                  "cnn_use_model.py --no-tta answers from the image alone")
     folds: int = flag(1, "train a committee of K members, each on K-1 folds of --train-dir and --val-dir "
                          "together (stratified) with its own fold for early stopping; report, calibrate and "
                          "flag on the out-of-fold answers; one checkpoint serves them as one model")

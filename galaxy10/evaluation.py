@@ -37,12 +37,15 @@ def served_model(checkpoint: Checkpoint, name: str, device: torch.device) -> Inf
 
 def served_logits(model: InferenceModel, cache: ImageCache, batch_size: int, exact: bool, desc: str
                   ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-    """Every cached image's features (per member, one (N, D) tensor per space) and the members' logits
-    before calibration (M, N, C), from the served forward pass, in cache order, on the CPU."""
+    """Every cached image's features (per member, one (N, D) tensor per space, of the image as it is) and
+    the logits before calibration of every member (and view, for a model that answers with the 8 flips and
+    quarter turns averaged): (M or 8M, N, C), from the served forward pass, in cache order, on the CPU."""
+    tta = model.record.tta
+    step = max(1, batch_size // 8) if tta else batch_size
     batches_features, batches_logits = [], []
     with progress_bar(total=len(cache), desc=desc, unit="img") as bar:
-        for images, _ in iterate_batches(cache, batch_size):
-            features, logits = model.forward(images, exact=exact)
+        for images, _ in iterate_batches(cache, step):
+            features, logits = model.forward(images, tta=tta, exact=exact)
             batches_features.append([[space.cpu() for space in member] for member in features])
             batches_logits.append(logits.float().cpu())
             bar.update(len(images))
@@ -112,13 +115,14 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 
 def write_evaluation(model: InferenceModel, val: ImageCache, model_path: str, batch_size: int,
                      context: dict[str, Any], exact: bool) -> dict[str, Any]:
-    """The served model's report on the val cache, with and without test-time augmentation, beside
-    model_path."""
+    """The served model's report on the val cache (its figures: as it answers by default), with and without
+    test-time augmentation, beside model_path."""
     truth = val.labels.cpu().numpy()
-    probs = served_probabilities(model, val, batch_size, exact).double().numpy()
+    probs = served_probabilities(model, val, batch_size, exact, tta=False).double().numpy()
     tta = served_probabilities(model, val, batch_size, exact, tta=True).double().numpy()
     context = {**context, "exact": exact}
-    return write_report(truth, probs, tta, model.class_names, model_path, context)
+    return write_report(truth, probs, tta, model.class_names, model_path, context,
+                        served_tta=model.record.tta)
 
 
 # ---------------------------------------------------------------- --evaluate and --calibrate

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from galaxy10 import trust
 from galaxy10.committee import (
     assign_folds,
     calibrated_outliers,
@@ -171,13 +170,13 @@ def finish_committee(config: Config, record: ModelRecord, members: list[Checkpoi
     oof = out_of_fold(members, cache, folds, batch_size, exact, device)
     labels = cache.labels.cpu()
     temperature, outliers, calibration = calibrated_outliers(oof, labels)
-    probs = trust.calibrated(oof.logits, temperature).double().numpy()
-    tta = committee_probabilities(members, cache, folds, batch_size, exact, device, temperature, tta=True)
+    plain, tta = (committee_probabilities(members, cache, folds, batch_size, exact, device, temperature,
+                                          tta=views).numpy() for views in (False, True))
     context = {"folds": config.folds, "val_dir": f"{config.train_dir} and {config.val_dir}, out of fold",
                "recipe": config.recipe, "train_seconds": seconds, "calibration": calibration}
-    report = write_report(labels.numpy(), probs, tta.numpy(), record.class_names, config.model_path,
+    report = write_report(labels.numpy(), plain, tta, record.class_names, config.model_path,
                           {**context, "exact": exact}, "out-of-fold answers (each by the member that never "
-                          "saw the image) on")
+                          "saw the image) on", served_tta=record.tta)
     committee = committee_checkpoint(record, members, temperature, outliers, report["accuracy"],
                                      calibration["nll_after"])
     committee.save(config.model_path)

@@ -139,8 +139,9 @@ class InferenceModel:
     def forward(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
                 ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
         """Each member's features (one (B, D) tensor per space, the penultimate last) of a uint8 batch
-        (B, 3, S, S) as it is, and the members' logits before calibration, stacked: (M, B, C), or with `tta`
-        (M, 8B, C), the 8 flips and quarter turns view-major (one forward pass of 8B images). With `exact`,
+        (B, 3, S, S) as it is, and the logits before calibration of every member and view, stacked: (M, B, C),
+        or with `tta` (8M, B, C), each member's 8 flips and quarter turns (one forward pass of 8B images).
+        Calibrating them (trust.calibrated) averages the members' and views' probabilities. With `exact`,
         float32 throughout."""
         x = to_model_input(images.to(self.device))
         views = dihedral_views(x) if tta else x
@@ -152,18 +153,19 @@ class InferenceModel:
                 if network is not member.fp32:
                     member_logits = _settle_near_ties(member.fp32, views, member_logits)
                 features.append([space[: len(images)] for space in member_features])
-                logits.append(member_logits)
-        return features, torch.stack(logits)
+                logits.append(member_logits.view(-1, len(images), member_logits.shape[-1]))
+        return features, torch.cat(logits)
 
-    def classify(self, images: torch.Tensor, *, tta: bool = False, exact: bool = False
+    def classify(self, images: torch.Tensor, *, tta: bool | None = None, exact: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Calibrated class probabilities (B, C) for a uint8 batch (B, 3, S, S) (with `tta` averaged over the
-        8 flips and quarter turns), which images lie unlike the training set (None where the record has no
-        statistics for it), and their penultimate features (B, D), the embedding. How unlike the training
-        set an image is, is read from the features of the image as it is (not turned)."""
-        features, logits = self.forward(images, tta=tta, exact=exact)
+        8 flips and quarter turns; None: as the record says the model answers), which images lie unlike the
+        training set (None where the record has no statistics for it), and their penultimate features
+        (B, D), the embedding. How unlike the training set an image is, is read from the features of the
+        image as it is (not turned)."""
+        features, logits = self.forward(images, tta=self.record.tta if tta is None else tta, exact=exact)
         with torch.inference_mode():
-            probs = mean_over_views(trust.calibrated(logits, self.record.temperature), len(images))
+            probs = trust.calibrated(logits, self.record.temperature)
             outliers = self.record.outliers
             unlike = None if outliers is None else outliers.unlike_members(features).cpu()
             embedding = torch.cat([member[-1] for member in features], dim=1)
@@ -193,7 +195,7 @@ class InferenceModel:
         return probs, cam.clamp_(0, 1).float().cpu().numpy(), unlike
 
     def predictions(self, images: torch.Tensor, bands: Sequence[str], *, top_k: int | None = None,
-                    tta: bool = False, exact: bool = False,
+                    tta: bool | None = None, exact: bool = False,
                     min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE, embeddings: bool = False
                     ) -> list[Prediction]:
         """The Prediction of each image of a uint8 batch, made from these bands (with `embeddings`, each
@@ -238,12 +240,6 @@ def _cam(activation: torch.Tensor, score: torch.Tensor, size: tuple[int, int]) -
     return cam / peak if peak > 0 else torch.zeros_like(cam)
 
 
-def mean_over_views(probs: torch.Tensor, count: int) -> torch.Tensor:
-    """Probabilities (V x count, C) of `count` images in V views, stacked view-major, averaged over the
-    views: (count, C). One view is the probabilities themselves."""
-    return probs.view(-1, count, probs.shape[-1]).mean(dim=0)
-
-
 _models: FileCache[InferenceModel] = FileCache()
 
 
@@ -272,13 +268,13 @@ def predict(
     model_path: str | os.PathLike[str] = DEFAULT_CHECKPOINT,
     *,
     top_k: int | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     exact: bool = False,
     min_confidence: float = trust.DEFAULT_MIN_CONFIDENCE,
 ) -> Prediction:
-    """Classify one image. `tta` averages over the 8 flips and quarter turns; `exact` computes in
-    float32 only (slower where the CPU has native bfloat16); a confidence under `min_confidence` flags the
-    answer uncertain."""
+    """Classify one image. `tta` averages over the 8 flips and quarter turns (None: as the checkpoint says
+    its model answers, cnn.py --serve-tta); `exact` computes in float32 only (slower where the CPU has native
+    bfloat16); a confidence under `min_confidence` flags the answer uncertain."""
     model = load_model(model_path)
     image = open_image(source)
     return model.predictions(model.preprocess(image)[None], [bands_of(image)], top_k=top_k, tta=tta,
@@ -289,7 +285,7 @@ def iter_predictions(
     sources: Iterable[Source],
     model_path: str | os.PathLike[str] = DEFAULT_CHECKPOINT,
     *,
-    tta: bool = False,
+    tta: bool | None = None,
     batch_size: int = 16,
     top_k: int | None = None,
     exact: bool = False,
@@ -370,13 +366,18 @@ def _decode_for_model(source: Source, model: InferenceModel) -> Decoded:
 def grad_cam(
     source: Source, model_path: str | os.PathLike[str] = DEFAULT_CHECKPOINT, class_id: int | None = None
 ) -> tuple[Prediction, np.ndarray]:
-    """The prediction (as `predict` makes it) and a Grad-CAM heatmap (S, S) float32 in [0, 1] for the
-    predicted class, or for `class_id`: where the last conv block's evidence for that class lies."""
+    """The prediction (as `predict` makes it: with the 8 flips and quarter turns averaged where the model
+    answers so) and a Grad-CAM heatmap (S, S) float32 in [0, 1] for the predicted class, or for `class_id`:
+    where the last conv block's evidence for that class lies, in the image as it is."""
     model = load_model(model_path)
     picture = open_image(source)
+    image = model.preprocess(picture)
     if class_id is not None and not 0 <= class_id < len(model.class_names):
         raise ValueError(f"class_id must be in 0..{len(model.class_names) - 1}, got {class_id}")
-    probabilities, heatmap, unlike = model.grad_cam(model.preprocess(picture), class_id)
+    if model.record.tta:  # the answer is the views' average; the map explains its class in the image itself
+        prediction = model.predictions(image[None], [bands_of(picture)])[0]
+        return prediction, model.grad_cam(image, prediction.class_id if class_id is None else class_id)[1]
+    probabilities, heatmap, unlike = model.grad_cam(image, class_id)
     outlier = None if unlike is None else bool(unlike[0])
     return Prediction.of(probabilities, model.class_names, model.name, None, outlier,
                          bands=bands_of(picture)), heatmap

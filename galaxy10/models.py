@@ -105,6 +105,7 @@ class ModelRecord:
     members: int = 1  # a committee (cnn.py --folds K) serves the mean of K networks' calibrated answers
     # What the models it was fine-tuned from (--init-from) were trained on, the first one first.
     lineage: tuple[TrainingData, ...] = ()
+    tta: bool = False  # answers with the 8 flips and quarter turns averaged by default (cnn.py --serve-tta)
 
     @property
     def architecture(self) -> Architecture:
@@ -183,6 +184,7 @@ class ModelRecord:
             "source": self.source,
             "trained_on": dataclasses.asdict(self.trained_on),
             "lineage": [dataclasses.asdict(t) for t in self.lineage],
+            "tta": self.tta,
             "config": dict(self.settings),
             "epoch": self.metrics.epoch,
             "final_val_loss": self.metrics.val_loss,
@@ -220,6 +222,7 @@ class ModelRecord:
             outliers=_outliers(checkpoint.get("outliers")),
             members=int(checkpoint.get("members", 1)),
             lineage=tuple(TrainingData(**t) for t in checkpoint.get("lineage") or ()),
+            tta=bool(checkpoint.get("tta", False)),
         )
 
 

@@ -147,22 +147,28 @@ def write_confusion(report: dict[str, Any], model_path: str | os.PathLike[str]) 
 def write_report(
     truth: np.ndarray, probs: np.ndarray, tta_probs: np.ndarray, class_names: Sequence[str],
     model_path: str | os.PathLike[str], context: dict[str, Any], subject: str = "evaluation on",
+    served_tta: bool = False,
 ) -> dict[str, Any]:
     """The evaluation report of a checkpoint's predictions on its val set, written as JSON with the confusion
     PNG beside the checkpoint, summed up in one printed line and set against the baselines: always answering
-    the most common class, and guessing (a warning when the model does not beat them). It also scores
-    test-time augmentation (`tta_probs`: probabilities averaged over the 8 flips and quarter turns, as
-    cnn_use_model's --tta)."""
+    the most common class, and guessing (a warning when the model does not beat them). Its figures are those
+    of the answers the model gives by default: `probs`, or with `served_tta` (cnn.py --serve-tta) `tta_probs`
+    (averaged over the 8 flips and quarter turns, as cnn_use_model's --tta); both are reported, as `tta` and
+    `without_tta`."""
     tta_report = evaluation_report(truth, tta_probs, class_names)
-    report = {"checkpoint": str(model_path), **context, **evaluation_report(truth, probs, class_names),
+    plain_report = evaluation_report(truth, probs, class_names)
+    report = {"checkpoint": str(model_path), **context, **(tta_report if served_tta else plain_report),
+              "served_with_tta": served_tta,
               "tta": {"accuracy": tta_report["accuracy"], "macro_f1": tta_report["macro_f1"]},
+              "without_tta": {"accuracy": plain_report["accuracy"], "macro_f1": plain_report["macro_f1"]},
               "baselines": baselines(truth, len(class_names))}
     write_json(report, output_path(model_path, "report.json"))
     write_confusion(report, model_path)
     worst = min(report["per_class"], key=lambda c: c["f1"])
-    print(f"{subject} {report['n_samples']} images: accuracy {report['accuracy']:.2%} (with TTA "
-          f"{report['tta']['accuracy']:.2%}), macro-F1 {report['macro_f1']:.3f}, ECE {report['ece']:.3f} "
-          f"({report['ece_by_chance']:.3f} by chance); "
+    other = (f"without TTA {report['without_tta']['accuracy']:.2%}" if served_tta
+             else f"with TTA {report['tta']['accuracy']:.2%}")
+    print(f"{subject} {report['n_samples']} images: accuracy {report['accuracy']:.2%} ({other}), macro-F1 "
+          f"{report['macro_f1']:.3f}, ECE {report['ece']:.3f} ({report['ece_by_chance']:.3f} by chance); "
           f"weakest class {worst['class_name']} (F1 {worst['f1']:.3f}); report in "
           f"{output_path(model_path, 'report.json')}")
     comparison = against_baselines(report)

@@ -157,7 +157,8 @@ def new_record(config: Config, class_names: Sequence[str], trained_on: TrainingD
     trained_on = trained_on or TrainingData()
     preprocessing = Preprocessing.for_network(config.arch, config.image_size, config.crop or 1.0)
     return ModelRecord(config.arch, tuple(class_names), preprocessing, precision=config.precision,
-                       recipe=config.recipe, trained_on=trained_on, settings=config.settings())
+                       recipe=config.recipe, trained_on=trained_on, settings=config.settings(),
+                       tta=config.serve_tta)
 
 
 def make_run(config: Config, device: torch.device, record: ModelRecord, train: ImageCache, val: ImageCache

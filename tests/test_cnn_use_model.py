@@ -756,6 +756,34 @@ def test_evaluate_reports_the_accuracy_of_the_served_answers(
         assert np.abs(table - probabilities).max() < 1e-5
 
 
+def test_a_model_that_answers_with_its_views_averaged_does_so_everywhere_and_is_reported_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint recording --serve-tta: predict, the command line and --evaluate answer with the 8 flips
+    and quarter turns averaged unless told --no-tta / tta=False, and the report's accuracy is that of those
+    answers."""
+    path = with_temperature(spread_checkpoint(tmp_path / "model.pth"), 1.7)
+    checkpoint = models.read_checkpoint(path)
+    checkpoint.record = dataclasses.replace(checkpoint.record, tta=True)
+    checkpoint.save(path)
+    image = galaxy_array(21)
+    served, with_views, alone = (cum.predict(image, path, exact=True, tta=tta) for tta in (None, True, False))
+    assert served.probabilities == with_views.probabilities != alone.probabilities
+    val = galaxy_folders(tmp_path / "val")
+    assert run_cli(cnn.main, ["--evaluate", "--model-path", str(path), "--val-dir", str(val),
+                              "--precision", "fp32", "--device", "cpu"]) == 0
+    report = json.loads(models.output_path(path, "report.json").read_text())
+    assert report["served_with_tta"] and report["accuracy"] == report["tta"]["accuracy"]
+    for flags, key in (([], "tta"), (["--no-tta"], "without_tta")):
+        out = tmp_path / f"answers{len(flags)}.csv"
+        command = [str(val), "--model", str(path), "--out", str(out), "--exact", *flags]
+        assert run_cli(cum.cli_main, command) == 0
+        with out.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        correct = sum(int(row["class_id"]) == int(Path(row["path"]).parent.name) for row in rows)
+        assert report[key]["accuracy"] == correct / len(rows)
+
+
 def test_every_answer_field_is_in_every_output_and_the_docs(ckpt: Path, tmp_path: Path) -> None:
     """The line, the table's columns and the JSON all carry prediction.ANSWERS, and docs/inference.md and
     docs/web.md list each one (adding a field is one edit there, and this test says what is missing)."""
