@@ -63,8 +63,9 @@ def train_committee(data: Path, name: str, flags: list[str], seed: int, folder: 
     report = json.loads(output_path(model_path, "report.json").read_text())
     return {"row": name, "seed": seed, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
             "ece": report["ece"], "ece_floor": report["ece_by_chance"],
-            "plain_accuracy": report["without_tta"]["accuracy"], "tta_accuracy": report["tta"]["accuracy"], "train_minutes": report["train_seconds"] / 60,
-            "folds": report.get("folds", 1), "n": report["n_samples"]}
+            "plain_accuracy": report["without_tta"]["accuracy"], "tta_accuracy": report["tta"]["accuracy"],
+            "train_minutes": report["train_seconds"] / 60, "folds": report.get("folds", 1),
+            "n": report["n_samples"]}
 
 
 def result_rows(runs: list[dict], rows: list[tuple[str, list[str]]], cmd: str) -> list[dict]:
