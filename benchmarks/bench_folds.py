@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(runs, rows)
     stem = f"rows-{args.name}" if args.row and args.name else ("rows" if args.row else args.sweep)
     record.write(f"bench_folds-{stem}", result_rows(runs, rows, record.command(__file__, argv)),
-                 title=TITLES.get(stem, f"{stem}, by cross-validation"), columns=COLUMNS, section="real",
+                 title=TITLES.get(stem, f"{stem}, by cross-validation"), columns=COLUMNS, section="cv",
                  last_run={"runs": runs})
 
 
