@@ -180,8 +180,8 @@ def network_scores(model_path: Path, images: Sequence[object]) -> tuple[np.ndarr
         pictures = [image if isinstance(image, Image.Image) else Image.fromarray(image)
                     for image in images[start:start + 64]]
         batch = torch.stack([served.preprocess(picture) for picture in pictures])
-        features, batch_logits = served.forward(batch, exact=True)
-        logits.append(batch_logits.double())
+        (features,), batch_logits = served.forward(batch, tta=False, exact=True)  # one network, as it is
+        logits.append(batch_logits[0].double())
         ensemble.append(outliers.score(features))
         penultimate.append(outliers.spaces[-1].distance(features[-1]))
     return torch.cat(logits).numpy(), {"ensemble": torch.cat(ensemble).numpy(),
@@ -499,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not real_images_here():
         return
     started = time.perf_counter()
-    fold_flags = ["--preset", "real-cpu", "--seed", str(args.seed)]
+    # One network per fold (--folds 1, --no-serve-tta's default): its scores are what this compares.
+    fold_flags = ["--preset", "real-cpu", "--folds", "1", "--seed", str(args.seed)]
     demo_flags = ["--preset", "cpu"]
     if args.epochs is not None:
         fold_flags += ["--epochs", str(args.epochs), "--patience", str(args.epochs)]
