@@ -30,7 +30,7 @@ from galaxy10.errors import run_cli
 from galaxy10.models import output_path
 
 import record
-from bench_real import pack_galaxy10, real_images, real_images_here, run_script
+from bench_real import pack_galaxy10, parse_row, real_images, real_images_here, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS: dict[str, list[str]] = {
@@ -48,11 +48,6 @@ COLUMNS = [
     {"key": "cnn", "label": "trains, per seed S", "format": "code"},
 ]
 METRICS = ("accuracy", "macro_f1", "ece", "ece_floor", "plain_accuracy", "tta_accuracy", "train_minutes")
-
-
-def parse_row(text: str) -> tuple[str, list[str]]:
-    name, _, flags = text.partition(":")
-    return name.strip(), flags.split()
 
 
 def train_committee(data: Path, name: str, flags: list[str], seed: int, folder: Path) -> dict:

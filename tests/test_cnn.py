@@ -422,12 +422,8 @@ def test_early_stopping_fires_after_patience(
     assert "early stopping" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_an_interrupted_run_resumes_to_the_same_result(
-    data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    model_path = tmp_path / "m.pth"
+def interrupt_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the run starts its second epoch (the first is saved in the resume file)."""
     real_train_one_epoch = training.train_one_epoch
 
     def interrupted_in_epoch_2(run, epoch):
@@ -436,6 +432,15 @@ def test_an_interrupted_run_resumes_to_the_same_result(
         return real_train_one_epoch(run, epoch)
 
     monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_result(
+    data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model_path = tmp_path / "m.pth"
+    interrupt_in_epoch_2(monkeypatch)
     assert train(tiny_args(data, model_path)) == 130
     assert f"python cnn.py --model-path {model_path} --resume" in capsys.readouterr().err
     state = load(models.resume_path(model_path))
@@ -468,14 +473,7 @@ def test_folders_of_other_classes_are_refused_even_as_many(
         own = tmp_path / "own"
         shutil.copytree(data, own)
         model_path = tmp_path / "m.pth"
-        real_train_one_epoch = training.train_one_epoch
-
-        def interrupted_in_epoch_2(run, epoch):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            return real_train_one_epoch(run, epoch)
-
-        monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
+        interrupt_in_epoch_2(monkeypatch)
         assert train(tiny_args(own, model_path)) == 130
         monkeypatch.undo()
         for split in ("train", "val"):  # the interrupted run's folders now hold classes a and b
