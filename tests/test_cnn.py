@@ -275,11 +275,14 @@ def test_the_real_cpu_preset_adapts_to_the_network_and_explicit_flags_win() -> N
     real = parse_config(["--preset", "real-cpu"])
     assert real.arch == PRESETS["real-cpu"]["arch"] != "deepcnn5"
     assert real.learning_rate == PRESETS["real-cpu"]["learning_rate"] != Config.learning_rate
+    assert real.folds > 1 and real.serve_tta  # a committee, answering with the flips and turns averaged
+    assert not parse_config(["--preset", "real-cpu", "--no-serve-tta"]).serve_tta
     for flags in (["--preset", "real-cpu", "--arch", "deepcnn5"],
                   ["--arch", "deepcnn5", "--preset", "real-cpu"]):
         deepcnn5 = parse_config(flags)
         assert deepcnn5.arch == "deepcnn5"
         assert deepcnn5.learning_rate == PRESET_NETWORKS["real-cpu", "deepcnn5"]["learning_rate"]
+        assert (deepcnn5.folds, deepcnn5.serve_tta) == (1, False)
     chosen = parse_config(["--preset", "real-cpu", "--arch", "deepcnn5", "--lr", "0.5"])
     assert chosen.learning_rate == 0.5
 
