@@ -30,7 +30,7 @@ from galaxy10.errors import run_cli
 from galaxy10.models import output_path
 
 import record
-from bench_real import pack_galaxy10, parse_row, real_images, real_images_here, run_script
+from bench_real import pack_galaxy10, parse_row, real_images, real_images_here, row_parser, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "--arch resnet18 --image-size 64 --epochs 28 --patience 28 --lr 0.0033"
@@ -96,13 +96,7 @@ def print_table(runs: list[dict], rows: list[tuple[str, list[str]]]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", choices=list(SWEEPS), default="presets",
-                        help="which rows to run (default: presets)")
-    parser.add_argument("--row", action="append", default=[], metavar="'NAME: FLAGS'",
-                        help="run this row (cnn.py flags; --folds 5 unless they say) instead of a sweep; "
-                             "may be repeated")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser = row_parser(__doc__.split("\n\n")[0], SWEEPS, "cnn.py flags; --folds 5 unless they say")
     parser.add_argument("--name", default=None, help="the result file's name for --row runs "
                                                      "(default: rows): bench_folds-NAME.json")
     return parser.parse_args(argv)

@@ -174,14 +174,20 @@ def print_table(table: list[dict]) -> None:
         print(f"{row['row']}: {row['command']} --seed S  (seeds {row['seeds']})")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", choices=list(SWEEPS), default="presets",
+def row_parser(description: str, sweeps: Sequence[str], flags_help: str) -> argparse.ArgumentParser:
+    """The flags every real-galaxy benchmark takes: a sweep, or rows of cnn.py flags, and the seeds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sweep", choices=list(sweeps), default="presets",
                         help="which rows to run (default: presets)")
     parser.add_argument("--row", action="append", default=[], metavar="'NAME: FLAGS'",
-                        help="run this row (cnn.py flags) instead of a sweep; may be repeated")
+                        help=f"run this row ({flags_help}) instead of a sweep; may be repeated")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds (default: 0 1 2)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = row_parser(__doc__.split("\n\n")[0], SWEEPS, "cnn.py flags")
     parser.add_argument("--split-seed", type=int, default=42,
                         help="seed of preprocess_and_balancing.py's split (default: 42, its own default)")
     return parser.parse_args(argv)
