@@ -1,6 +1,6 @@
 """Predictions an astronomer can trust: calibration and the unlike-training flag on held-out real galaxies.
 
-    python benchmarks/bench_trust.py            # 5 folds of the 555 real galaxies, real-cpu (~20 min)
+    python benchmarks/bench_trust.py            # 5 folds of the 555 real galaxies, real-cpu, one network each
     python benchmarks/bench_trust.py --quick    # a smoke run: 2 folds, 5 epochs, a small demo (a few min)
 
 K-fold over the 555 real Galaxy10 DECaLS images of ../shared (bench_real.py packs them): for each fold it
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not real_images_here():
         return
     started = time.perf_counter()
-    # One network per fold (--folds 1, --no-serve-tta's default): its scores are what this compares.
+    # One network per fold (--folds 1), served as the preset serves it: its scores are what this compares.
     fold_flags = ["--preset", "real-cpu", "--folds", "1", "--seed", str(args.seed)]
     demo_flags = ["--preset", "cpu"]
     if args.epochs is not None:
