@@ -6,8 +6,9 @@
 Each benchmarks/results/*.json file is one benchmark or sweep (the format is in benchmarks/record.py):
 a title, a section of the page (real, demo, bench), its columns and rows, each row with its command,
 date and machine, and notes. benchmarks/results_template.md holds the page's prose, with {{headline}}
-and {{section:NAME}} where the tables go. Rows with a "headline" entry also make the small table between
-the README's `<!-- results:headline -->` markers. Standard library only; importing it does nothing.
+and {{section:NAME}} where the tables go. Rows with a "headline" entry (one {"label", "metric"}, or a list
+of them) also make the small table between the README's `<!-- results:headline -->` markers. Standard
+library only; importing it does nothing.
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def headline(files: list[dict], page: str = "docs/results.md") -> str:
     for data in files:
         formats = {c["key"]: c.get("format", "") for c in data.get("columns", [])}
         for row in data["rows"]:
-            spec = row.get("headline")
-            if spec:
+            specs = row.get("headline") or []
+            for spec in [specs] if isinstance(specs, dict) else specs:
                 figure = fmt(lookup(row, spec["metric"]), formats.get(spec["metric"], ""))
                 figure += spec.get("suffix", "")
                 rows.append([spec["label"], f"**{figure}**", f"`{row['command']}`",

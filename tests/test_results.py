@@ -72,3 +72,12 @@ def test_check_fails_when_a_figure_changes_and_a_rerun_replaces_only_its_rows(re
     assert results.main(args) == 0
     assert results.main([*args, "--check"]) == 0
     assert "12.3" in page.read_text() and "**12.3 ms**" in readme.read_text()
+
+
+def test_a_row_can_give_the_headline_several_figures(results) -> None:
+    specs = [{"label": "its accuracy", "metric": "accuracy"}, {"label": "its ECE", "metric": "ece"}]
+    row = {"name": "r", "command": "python b.py", "date": "2026-12-07", "machine": "m",
+           "metrics": {"accuracy": 0.5, "ece": 0.04}, "headline": specs}
+    data = {"columns": [{"key": "accuracy", "format": ".1%"}, {"key": "ece", "format": ".3f"}], "rows": [row]}
+    lines = results.headline([data]).splitlines()
+    assert "| its accuracy | **50.0%** |" in lines[2] and "| its ECE | **0.040** |" in lines[3]
