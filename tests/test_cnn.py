@@ -223,6 +223,7 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 @pytest.mark.usefixtures("no_native_bf16")
 def test_precision_auto_on_a_cpu_without_bf16_trains_and_records_float32(data: Path, tmp_path: Path) -> None:
     """Emulated bfloat16 is slower than float32: auto keeps float32, and the checkpoint says so. (On a CPU
@@ -555,6 +556,7 @@ def test_files_like_the_originals_with_other_weights_are_one_line_errors(
     assert_one_line_error(capsys, "foreign.pth", "is not a checkpoint written by cnn.py")
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_evaluate_flag_reports_on_an_original_checkpoint(
     data10: Path, original_model: cnn.CNNModel, tmp_path: Path
 ) -> None:
@@ -620,6 +622,7 @@ def test_init_from_at_another_image_size_is_a_one_line_error(
     assert not (tmp_path / "m.pth").exists()
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_init_from_gives_its_network_size_and_crop_and_freeze_body_counts_them_frozen(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -688,6 +691,7 @@ def test_bad_settings_exit_2_with_one_line(
     assert_one_line_error(capsys, flag)
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_every_unreadable_image_is_listed_in_one_line_or_skipped_with_a_count(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -756,6 +756,7 @@ def test_evaluate_reports_the_accuracy_of_the_served_answers(
         assert np.abs(table - probabilities).max() < 1e-5
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_a_model_that_answers_with_its_views_averaged_does_so_everywhere_and_is_reported_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -88,6 +88,7 @@ def bf16_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inference, "_models", inference.FileCache())
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_d4_networks_answer_is_the_same_in_every_orientation(
     tmp_path: Path, precision: str, request: pytest.FixtureRequest

@@ -166,6 +166,7 @@ def test_every_prediction_is_calibrated_by_the_records_temperature(plain: Path, 
     assert max(tta.probabilities) < max(cum.predict(images[0], plain, tta=True, exact=True).probabilities)
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_images_far_from_the_training_features_are_flagged_in_every_output(
     plain: Path, tmp_path: Path
 ) -> None:
@@ -231,6 +232,7 @@ def test_training_calibrates_and_reports_before_and_after(folders: Path, tmp_pat
     assert 0 <= calibration["val_flagged_unlike_training"] <= 0.25  # 1 of 8 validation images at most
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_calibrate_writes_a_new_file_and_never_rewrites_the_original(
     original_model: networks.CNNModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -257,6 +259,7 @@ def test_calibrate_writes_a_new_file_and_never_rewrites_the_original(
 # ---------------------------------------------------------------- a run that learned nothing says so
 
 
+@pytest.mark.slow  # trains a model or runs the network many times
 def test_a_run_that_learned_nothing_says_it_against_the_baselines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
