@@ -86,17 +86,18 @@ def calibrated_outliers(oof: OutOfFold, labels: torch.Tensor) -> tuple[float, tr
     return temperature, trust.CommitteeOutliers(tuple(oof.outliers)), calibration
 
 
-def committee_probabilities(members: list[Checkpoint], cache: ImageCache, folds: np.ndarray, batch_size: int,
-                            exact: bool, device: torch.device, temperature: float, tta: bool) -> torch.Tensor:
-    """Every image's calibrated probabilities from the member that never saw it (with `tta`, averaged over
-    the 8 flips and quarter turns), in image order."""
+def committee_tta_probabilities(members: list[Checkpoint], cache: ImageCache, folds: np.ndarray,
+                                batch_size: int, exact: bool, device: torch.device, temperature: float
+                                ) -> torch.Tensor:
+    """Every image's calibrated probabilities from the member that never saw it, averaged over the 8 flips
+    and quarter turns, in image order."""
     probabilities = torch.empty(len(cache), len(members[0].record.class_names), dtype=torch.float64)
     for k, member in enumerate(members):
         served = served_model(member, f"member {k + 1}", device)
         served = served.with_record(dataclasses.replace(served.record, temperature=temperature))
         held = torch.from_numpy(folds == k)
         fold = cache.subset(held)
-        probabilities[held] = served_probabilities(served, fold, batch_size, exact, tta).double()
+        probabilities[held] = served_probabilities(served, fold, batch_size, exact, tta=True).double()
     return probabilities
 
 

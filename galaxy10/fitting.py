@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from galaxy10 import trust
 from galaxy10.committee import (
     assign_folds,
     calibrated_outliers,
     committee_checkpoint,
-    committee_probabilities,
+    committee_tta_probabilities,
     member_path,
     out_of_fold,
 )
@@ -170,8 +171,11 @@ def finish_committee(config: Config, record: ModelRecord, members: list[Checkpoi
     oof = out_of_fold(members, cache, folds, batch_size, exact, device)
     labels = cache.labels.cpu()
     temperature, outliers, calibration = calibrated_outliers(oof, labels)
-    plain, tta = (committee_probabilities(members, cache, folds, batch_size, exact, device, temperature,
-                                          tta=views).numpy() for views in (False, True))
+    # out_of_fold ran each image through its member as the committee answers: with the 8 views, the first
+    # of which is the image as it is, where the record says so; only the other form needs a pass of its own.
+    plain = trust.calibrated(oof.logits[:1], temperature).double().numpy()
+    tta = (trust.calibrated(oof.logits, temperature).double() if record.tta else
+           committee_tta_probabilities(members, cache, folds, batch_size, exact, device, temperature)).numpy()
     context = {"folds": config.folds, "val_dir": f"{config.train_dir} and {config.val_dir}, out of fold",
                "recipe": config.recipe, "train_seconds": seconds, "calibration": calibration}
     report = write_report(labels.numpy(), plain, tta, record.class_names, config.model_path,
